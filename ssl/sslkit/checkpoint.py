@@ -1,0 +1,136 @@
+"""The one checkpoint format: a versioned plain dict, loadable with ``torch.load(weights_only=True)``.
+
+Keys: ``format_version``, ``sslkit_version``, ``method``, ``model_config`` (timm name + kwargs that
+rebuild the backbone), ``model`` (unwrapped state dict of the method module), ``optimizer``,
+``scaler``, ``step``, ``data_state``, ``rng``, ``config`` (resolved, plain), ``derived``,
+``wandb_id``, ``metrics``. Written to a temp file in the same directory, fsync'ed, then renamed, so a
+crash never leaves a half-written ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from sslkit.errors import CheckpointError
+
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip torch.compile / DDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None or not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: dict[str, Any], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a checkpoint (weights_only). Raises CheckpointError with the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path, or use trainer.resume=never "
+                              f"to start a new run")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated / corrupt / not a torch file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is corrupt or "
+                              f"truncated: use an older checkpoints/step_<N>.pt") from e
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise CheckpointError(f"{path} is not an sslkit checkpoint (no format_version): for a bare state dict "
+                              f"use the fine-tune loader, for a timm file timm.create_model(pretrained_cfg_overlay=...)")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format_version {ckpt['format_version']}, this sslkit reads "
+                              f"version {FORMAT_VERSION}: use the sslkit release that wrote it")
+    return ckpt
+
+
+def step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in Path(ckpt_dir).glob("step_*.pt"):
+        m = _STEP_RE.match(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_resume(run_dir: Path, resume: str) -> Optional[dict[str, Any]]:
+    """``auto``: newest readable checkpoint in ``run_dir/checkpoints`` (last.pt, else step_<N>.pt,
+    newest first, warning about unreadable ones); ``never``: None; otherwise a path that must load."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return load(resume)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    candidates = [ckpt_dir / "last.pt"] + [p for _, p in reversed(step_checkpoints(ckpt_dir))]
+    best: Optional[dict[str, Any]] = None
+    for p in candidates:
+        if not p.exists():
+            continue
+        try:
+            ckpt = load(p)
+        except CheckpointError as e:
+            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
+            continue
+        if best is None or ckpt["step"] > best["step"]:
+            best = ckpt
+    return best
+
+
+def save_training_state(path: Path, **fields: Any) -> None:
+    atomic_save({"format_version": FORMAT_VERSION, **fields}, path)
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` periodic step_<N>.pt files (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    for _, p in step_checkpoints(ckpt_dir)[:-keep_last]:
+        p.unlink(missing_ok=True)

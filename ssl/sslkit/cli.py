@@ -1,0 +1,231 @@
+"""Console entry points: ``sslkit-pretrain`` (Hydra), ``sslkit-eval``, ``sslkit-export``.
+
+``scripts/*.py`` are thin wrappers around the same functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sslkit.config import register_configs
+from sslkit.errors import CheckpointError, ConfigError, SSLKitError
+
+CONFIG_NAME = "pretrain"
+
+
+def config_dir() -> str:
+    """The packaged configs (works from a source checkout, an editable install and a wheel)."""
+    return str(importlib.resources.files("sslkit.configs"))
+
+
+def compose(overrides: list[str] | None = None, config_name: str = CONFIG_NAME) -> DictConfig:
+    """Compose a config like the CLI does, without running it (tests, notebooks, sweeps)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+# ----------------------------------------------------------------------------------------- pretrain
+def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> Any:
+    from sslkit.engine import train
+
+    result = train(cfg, run_dir)
+    if cfg.trainer.summary:
+        summarize(cfg, result)
+    return result
+
+
+def summarize(cfg: DictConfig, result: Any) -> Optional[dict[str, float]]:
+    """Print what the run learned: reconstruction loss over the run and kNN accuracy of the frozen
+    encoder on held-out labelled data, against a randomly initialized encoder and raw pixels."""
+    from sslkit.data import build_eval_loader, build_source
+    from sslkit.evaluation import extract_features, knn_classify
+    from sslkit.methods import build_method
+
+    rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    if rows:
+        print(f"[sslkit] reconstruction loss: {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
+              f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']})")
+    name = str(cfg.data.name)
+    train_cfg, test_cfg = copy.deepcopy(cfg.data), copy.deepcopy(cfg.data)
+    with open_dict(train_cfg), open_dict(test_cfg):
+        if name == "synthetic":
+            train_cfg.num_samples = min(int(cfg.data.num_samples), 2048)
+            test_cfg.num_samples, test_cfg.seed = 512, int(cfg.data.seed) + 1000
+        elif name == "image_folder":
+            train_cfg.split, test_cfg.split = "train", "val"
+        else:
+            print(f"[sslkit] no kNN summary for data.name={name} (use sslkit-eval knn)")
+            return None
+    size = int(cfg.method.view.size)
+    device = next(result.method.parameters()).device
+    train_src, test_src = build_source(train_cfg), build_source(test_cfg)
+    if name == "image_folder":  # cap the summary's cost on big folders
+        train_src = torch.utils.data.Subset(train_src, range(0, len(train_src), max(1, len(train_src) // 5000)))
+        test_src = torch.utils.data.Subset(test_src, range(0, len(test_src), max(1, len(test_src) // 1000)))
+    loaders = [build_eval_loader(s, cfg.data, size) for s in (train_src, test_src)]
+    torch.manual_seed(int(cfg.trainer.seed))
+    random_init = build_method(cfg).to(device).eval()
+    result.method.eval()
+    out: dict[str, float] = {}
+    for label, embed in [("pretrained", result.method.features), ("random_init", random_init.features),
+                         ("raw_pixels", lambda x: x.flatten(1) - x.flatten(1).mean(1, keepdim=True))]:
+        (trf, try_), (tef, tey) = [extract_features(embed, ld, device) for ld in loaders]
+        out[label] = knn_classify(trf, try_, tef, tey)["top1"]
+    n_cls = len(getattr(test_src, "classes", None) or getattr(getattr(test_src, "dataset", None), "classes", []) or [0])
+    print(f"[sslkit] kNN top-1 (k=20, cosine) on {len(test_src)} held-out images: encoder after pretraining "
+          f"{out['pretrained']:.1f}% | same encoder at random init {out['random_init']:.1f}% | raw pixels "
+          f"{out['raw_pixels']:.1f}% | chance {100.0 / max(1, n_cls):.1f}%")
+    (Path(result.run_dir) / "summary.json").write_text(json.dumps({"knn_top1": out}, indent=2))
+    return out
+
+
+def _hydra_pretrain(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = cfg.get("run_dir") or HydraConfig.get().runtime.output_dir
+    try:
+        run_pretrain(cfg, run_dir)
+    except SSLKitError as e:
+        print(f"\n[sslkit] error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pretrain_main() -> None:
+    import hydra
+
+    register_configs()
+    hydra.main(version_base=None, config_path=config_dir(), config_name=CONFIG_NAME)(_hydra_pretrain)()
+
+
+# ----------------------------------------------------------------------------------------- export
+def load_backbone(checkpoint: str | Path, for_finetune: bool = True) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """Rebuild the pretrained encoder from an sslkit checkpoint. With ``for_finetune`` the pretraining
+    adaptations (e.g. UM's halved spatial reduction / window 8) are converted to the fine-tuning shapes."""
+    import timm
+
+    import sslkit.models as models
+    from sslkit import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.load(checkpoint)
+    mc = ckpt["model_config"]
+    prefix = "backbone."
+    sd = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not sd:
+        raise CheckpointError(f"{checkpoint} holds no 'backbone.*' weights; it is not a pretraining checkpoint")
+    kwargs = dict(mc["kwargs"])
+    if for_finetune and kwargs.get("um_pretrain"):
+        sd = models.convert_um_pretrain_to_finetune(mc["name"], sd)
+        kwargs["um_pretrain"] = False
+    model = timm.create_model(mc["name"], **kwargs)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{checkpoint}: backbone {mc['name']} does not match the checkpoint "
+                              f"(missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]})")
+    return model, ckpt, kwargs
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write ``backbone.safetensors`` + ``backbone.json`` (loadable with timm's pretrained_cfg_overlay)."""
+    from safetensors.torch import save_file
+
+    model, ckpt, kwargs = load_backbone(checkpoint, for_finetune=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(out / "backbone.safetensors"), metadata={"format": "pt"})
+    meta = {
+        "model_name": ckpt["model_config"]["name"],
+        "create_kwargs": {k: v for k, v in kwargs.items() if k not in ("num_classes",)},
+        "method": ckpt["method"], "step": ckpt["step"], "source_checkpoint": str(checkpoint),
+        "sslkit_version": ckpt.get("sslkit_version"),
+        "load_with": f"timm.create_model('{ckpt['model_config']['name']}', pretrained=True, "
+                     f"pretrained_cfg_overlay=dict(file='{out / 'backbone.safetensors'}'), num_classes=N)",
+        "notes": "Backbone only (no head). UM pretraining adaptations were converted to fine-tuning shapes "
+                 "(PVT spatial-reduction ratios 4,2,1,1 -> 8,4,2,1; Swin window 8 -> 16, continuous position "
+                 "bias MLPs kept). The method's mask tokens and decoder are not exported.",
+    }
+    (out / "backbone.json").write_text(json.dumps(meta, indent=2))
+    print(f"[sslkit] wrote {out / 'backbone.safetensors'} ({len(sd)} tensors) and backbone.json")
+    return out
+
+
+def _kv_args(argv: list[str]) -> DictConfig:
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ConfigError(f"arguments must be key=value, got {bad}")
+    return OmegaConf.from_dotlist(argv)
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    args = _kv_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if "checkpoint" not in args:
+            raise ConfigError("usage: sslkit-export checkpoint=<run>/checkpoints/last.pt [out=<dir>]")
+        ckpt = Path(str(args.checkpoint))
+        export(ckpt, args.get("out") or ckpt.parent.parent / "export")
+    except SSLKitError as e:
+        print(f"[sslkit] error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------- eval
+def eval_knn(checkpoint: str | Path, data_overrides: list[str], k: int = 20, temperature: float = 0.07,
+             out: Optional[str | Path] = None) -> dict[str, float]:
+    """Weighted kNN on frozen features: train split -> val split of the checkpoint's data config
+    (or of ``data=...`` overrides)."""
+    from sslkit import checkpoint as ckpt_io
+    from sslkit.data import build_eval_loader, build_source
+    from sslkit.evaluation import extract_features, knn_classify
+
+    ckpt = ckpt_io.load(checkpoint)
+    base = compose([f"{o}" for o in data_overrides])  # data=... group choice and data.* keys
+    data_cfg = OmegaConf.create(ckpt["config"]["data"]) if not data_overrides else base.data
+    model, _, _ = load_backbone(checkpoint, for_finetune=False)
+    model.eval()
+    size = int(ckpt["config"]["method"]["view"]["size"])
+    splits = []
+    for split in ("train", "val"):
+        c = copy.deepcopy(data_cfg)
+        with open_dict(c):
+            if c.name == "synthetic":
+                c.seed = int(c.seed) + (1000 if split == "val" else 0)
+                c.num_samples = 512 if split == "val" else c.num_samples
+            else:
+                c.split = split
+        splits.append(build_eval_loader(build_source(c), c, size))
+    embed = lambda x: model.forward_features(x).mean(dim=(1, 2))  # noqa: E731
+    (trf, try_), (tef, tey) = [extract_features(embed, ld, torch.device("cpu")) for ld in splits]
+    res = knn_classify(trf, try_, tef, tey, k=k, temperature=temperature)
+    print(f"[sslkit] kNN (k={k}, T={temperature}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+    if out:
+        Path(out).write_text(json.dumps({"checkpoint": str(checkpoint), "k": k, **res}, indent=2))
+    return res
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if not argv or argv[0] != "knn":
+            raise ConfigError("usage: sslkit-eval knn checkpoint=<ckpt> [data=<group> data.path=...] [k=20] [out=r.json]"
+                              " (linear probe comes with the fine-tune/eval release)")
+        kv = [a for a in argv[1:] if not a.startswith(("data=", "data."))]
+        args = _kv_args(kv)
+        if "checkpoint" not in args:
+            raise ConfigError("sslkit-eval knn needs checkpoint=<path>")
+        eval_knn(str(args.checkpoint), [a for a in argv[1:] if a.startswith(("data=", "data."))],
+                 k=int(args.get("k", 20)), temperature=float(args.get("t", 0.07)), out=args.get("out"))
+    except SSLKitError as e:
+        print(f"[sslkit] error: {e}", file=sys.stderr)
+        sys.exit(2)

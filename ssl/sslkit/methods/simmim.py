@@ -1,0 +1,56 @@
+"""SimMIM-style dense baseline on the same pyramid backbone (Xie et al. 2022).
+
+The full-resolution image goes through the encoder; the stem tokens of masked units (random 75% of
+units) are replaced by a learned mask token. A 1x1 linear decoder + pixel shuffle (x total stride)
+reconstructs the image; the loss is L1 on the masked pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from sslkit.masking import RandomMasking
+from sslkit.methods.base import Method, create_backbone
+from sslkit.methods.umae import check_unit
+from sslkit.models.um import upsample_units
+
+
+class SimMIM(Method):
+    name = "simmim"
+
+    def __init__(self, cfg: Any, model_cfg: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, self.model_config = create_backbone(model_cfg, um_pretrain=False)
+        self.unit, g = check_unit(int(cfg.unit), self.backbone, int(cfg.view.size))
+        self.grid = (g, g)
+        self.r = self.unit // self.backbone.stem_stride
+        self.mask_ratio = float(cfg.mask_ratio)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.backbone.embed_dims[0]))
+        trunc_normal_(self.mask_token, std=0.02)
+        s = self.backbone.reduction
+        self.decoder = nn.Linear(self.backbone.num_features, s * s * 3)  # 1x1 conv as a linear on NHWC
+
+    def masking(self) -> RandomMasking:
+        return RandomMasking(self.grid, self.mask_ratio)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, masked = batch["images"], batch["masked"]
+        B, C, H, W = images.shape
+        x = self.backbone.stem(images)  # (B, h, w, C0)
+        hide = upsample_units(masked, self.grid, self.r)  # (B, h, w, 1)
+        x = torch.where(hide, self.mask_token.to(x.dtype), x)
+        z = self.backbone.forward_tokens(x)  # (B, H/s, W/s, C)
+        s = self.backbone.reduction
+        rec = self.decoder(z).permute(0, 3, 1, 2)  # (B, s*s*3, H/s, W/s)
+        rec = F.pixel_shuffle(rec, s)  # (B, 3, H, W)
+        pix_mask = masked.view(B, 1, self.grid[0], 1, self.grid[1], 1).expand(
+            B, 1, self.grid[0], self.unit, self.grid[1], self.unit).reshape(B, 1, H, W).to(rec.dtype)
+        l1 = (rec.float() - images.float()).abs()
+        loss = (l1 * pix_mask).sum() / (pix_mask.sum() + 1e-5) / C
+        return {"loss": loss, "loss_rec": loss.detach()}

@@ -1,0 +1,134 @@
+"""UM-MAE: masked autoencoding with Uniform Masking for pyramid ViTs (Li et al. 2022, arXiv 2205.10063).
+
+Encoder input: the kept unit of every 2x2 block (25%), packed into a half-resolution image, so the
+pyramid's local operators still see neighbours; a further ``secondary_mask_ratio`` of the kept units
+are replaced by a learned ``vis_mask_token`` after the stem. Positions are the kept tokens' original
+ones. The decoder pixel-shuffles the stride-32 encoder output back to one token per kept unit, adds
+mask tokens for the removed units, and predicts the pixels of the removed units only.
+
+The stem is run on the gathered pixels (not on the full image): it is non-overlapping, so this is
+equal to stem-then-gather (tested) and costs a quarter of the work.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from sslkit.errors import ConfigError
+from sslkit.masking import UniformMasking, blocks_to_grid
+from sslkit.methods.base import Method, create_backbone
+from sslkit.models.pos_embed import grid_coords, sincos_2d
+from sslkit.models.um import gather_kept_units, patchify, um_positions, upsample_units
+
+
+def check_unit(cfg_unit: int, backbone: nn.Module, img_size: int) -> tuple[int, int]:
+    """The unit is half the backbone's total stride; the unit grid must be even. Returns (unit, grid)."""
+    unit = backbone.reduction // 2
+    if cfg_unit != unit:
+        raise ConfigError(
+            f"method.unit={cfg_unit} but the backbone's total stride is {backbone.reduction}, so the unit "
+            f"must be {unit} px: set method.unit={unit} (or change the stem with model.kwargs.patch_size)"
+        )
+    if img_size % (2 * unit):
+        raise ConfigError(
+            f"method.view.size={img_size} is not a multiple of 2 x unit ({2 * unit} px): the unit grid must be "
+            f"even; use e.g. {max(2 * unit, img_size // (2 * unit) * 2 * unit)}"
+        )
+    return unit, img_size // unit
+
+
+class UMMAE(Method):
+    name = "umae"
+
+    def __init__(self, cfg: Any, model_cfg: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, self.model_config = create_backbone(model_cfg, um_pretrain=True)
+        img = int(cfg.view.size)
+        self.unit, g = check_unit(int(cfg.unit), self.backbone, img)
+        if abs(float(cfg.mask_ratio) - 0.75) > 1e-9:
+            raise ConfigError(f"uniform masking removes exactly 75% (one of every 2x2 kept); method.mask_ratio="
+                              f"{cfg.mask_ratio}: leave it at 0.75 or use method=simmim for other ratios")
+        self.grid = (g, g)
+        self.r = self.unit // self.backbone.stem_stride  # stem tokens per unit side
+        self.norm_pix_loss = bool(cfg.norm_pix_loss)
+        self.sm_ratio = float(cfg.secondary_mask_ratio)
+        c0 = self.backbone.embed_dims[0]
+        self.vis_mask_token = nn.Parameter(torch.zeros(1, 1, 1, c0)) if self.sm_ratio > 0 else None
+
+        D = int(cfg.decoder_dim)
+        self.decoder_embed = nn.Linear(self.backbone.num_features, 4 * D)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.decoder_blocks = nn.ModuleList(
+            Block(D, int(cfg.decoder_heads), float(cfg.decoder_mlp_ratio), qkv_bias=True, norm_layer=norm)
+            for _ in range(int(cfg.decoder_depth)))
+        self.decoder_norm = norm(D)
+        self.decoder_pred = nn.Linear(D, self.unit * self.unit * 3)
+        self.register_buffer("decoder_pos", sincos_2d(grid_coords(g, g).view(-1, 2), D), persistent=False)  # (L, D)
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        trunc_normal_(self.mask_token, std=0.02)
+        if self.vis_mask_token is not None:
+            trunc_normal_(self.vis_mask_token, std=0.02)
+
+    def masking(self) -> UniformMasking:
+        return UniformMasking(self.grid, self.sm_ratio)
+
+    def forward_encoder(self, images: torch.Tensor, keep_offset: torch.Tensor,
+                        sm_masked: torch.Tensor | None) -> torch.Tensor:
+        B = images.shape[0]
+        bh, bw = self.grid[0] // 2, self.grid[1] // 2
+        x = gather_kept_units(images, keep_offset, self.unit)  # (B, 3, H/2, W/2)
+        x = self.backbone.stem(x)  # (B, bh*r, bw*r, C0)
+        if self.vis_mask_token is not None and sm_masked is not None:
+            hide = upsample_units(sm_masked, (bh, bw), self.r)  # (B, bh*r, bw*r, 1)
+            x = torch.where(hide, self.vis_mask_token.to(x.dtype), x)
+        pos = um_positions(keep_offset, (bh, bw), self.r)  # (B, bh*r, bw*r, 2) original coordinates
+        return self.backbone.forward_tokens(x, pos)  # (B, bh/2, bw/2, C)
+
+    def forward_decoder(self, z: torch.Tensor, keep_idx: torch.Tensor, masked_idx: torch.Tensor) -> torch.Tensor:
+        B, h, w, _ = z.shape
+        D = self.mask_token.shape[-1]
+        x = self.decoder_embed(z)  # (B, h, w, 4D)
+        # pixel shuffle x2 (channel d*4 + 2i + j -> (d, i, j)): one token per kept unit, block raster order
+        x = x.view(B, h, w, D, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(B, 4 * h * w, D)  # (B, nb, D)
+        pos = self.decoder_pos.to(x.dtype)
+        x_vis = x + pos[keep_idx]  # original positions of the kept units
+        x_mask = self.mask_token.to(x.dtype) + pos[masked_idx]  # (B, 3nb, D)
+        x = torch.cat([x_vis, x_mask], dim=1)  # (B, L, D)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x[:, keep_idx.shape[1]:])  # only removed units are predicted
+        return self.decoder_pred(x)  # (B, 3nb, u*u*3)
+
+    def loss(self, images: torch.Tensor, pred: torch.Tensor, masked_idx: torch.Tensor) -> torch.Tensor:
+        target = patchify(images, self.unit)  # (B, L, u*u*3)
+        target = target.gather(1, masked_idx[..., None].expand(-1, -1, target.shape[-1]))  # (B, 3nb, u*u*3)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return (pred.float() - target.float()).pow(2).mean()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, keep_offset, masked = batch["images"], batch["keep_offset"], batch["masked"]
+        B = images.shape[0]
+        z = self.forward_encoder(images, keep_offset, batch.get("sm_masked"))
+        keep_idx = blocks_to_grid(keep_offset, self.grid)  # (B, nb) unit indices in the full grid
+        masked_idx = masked.nonzero()[:, 1].view(B, -1)  # (B, 3nb) removed units, raster order
+        pred = self.forward_decoder(z, keep_idx, masked_idx)
+        loss = self.loss(images, pred, masked_idx)
+        return {"loss": loss, "loss_rec": loss.detach()}
