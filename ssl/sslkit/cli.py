@@ -49,7 +49,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> Any:
 def summarize(cfg: DictConfig, result: Any) -> Optional[dict[str, float]]:
     """Print what the run learned: reconstruction loss over the run and kNN accuracy of the frozen
     encoder on held-out labelled data, against a randomly initialized encoder and raw pixels."""
-    from sslkit.data import build_eval_loader, build_source
+    from sslkit.data import SubsetSource, build_eval_loader, build_source
     from sslkit.evaluation import extract_features, knn_classify
     from sslkit.methods import build_method
 
@@ -72,8 +72,8 @@ def summarize(cfg: DictConfig, result: Any) -> Optional[dict[str, float]]:
     device = next(result.method.parameters()).device
     train_src, test_src = build_source(train_cfg), build_source(test_cfg)
     if name == "image_folder":  # cap the summary's cost on big folders
-        train_src = torch.utils.data.Subset(train_src, range(0, len(train_src), max(1, len(train_src) // 5000)))
-        test_src = torch.utils.data.Subset(test_src, range(0, len(test_src), max(1, len(test_src) // 1000)))
+        train_src = SubsetSource(train_src, list(range(0, len(train_src), max(1, len(train_src) // 5000))))
+        test_src = SubsetSource(test_src, list(range(0, len(test_src), max(1, len(test_src) // 1000))))
     loaders = [build_eval_loader(s, cfg.data, size) for s in (train_src, test_src)]
     torch.manual_seed(int(cfg.trainer.seed))
     random_init = build_method(cfg).to(device).eval()
@@ -83,7 +83,7 @@ def summarize(cfg: DictConfig, result: Any) -> Optional[dict[str, float]]:
                          ("raw_pixels", lambda x: x.flatten(1) - x.flatten(1).mean(1, keepdim=True))]:
         (trf, try_), (tef, tey) = [extract_features(embed, ld, device) for ld in loaders]
         out[label] = knn_classify(trf, try_, tef, tey)["top1"]
-    n_cls = len(getattr(test_src, "classes", None) or getattr(getattr(test_src, "dataset", None), "classes", []) or [0])
+    n_cls = len(test_src.classes)
     print(f"[sslkit] kNN top-1 (k=20, cosine) on {len(test_src)} held-out images: encoder after pretraining "
           f"{out['pretrained']:.1f}% | same encoder at random init {out['random_init']:.1f}% | raw pixels "
           f"{out['raw_pixels']:.1f}% | chance {100.0 / max(1, n_cls):.1f}%")

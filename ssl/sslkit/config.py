@@ -107,6 +107,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: Optional[int] = None  # overrides epochs when set
+    stop_after: Optional[int] = None  # end this invocation (with a checkpoint) at this step; schedules still span max_steps
     epochs: float = 200.0
     accum_steps: int = 1
     seed: int = 0

@@ -138,8 +138,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     method.train()
     metrics: dict[str, float] = {}
     t0, imgs = time.perf_counter(), 0
+    stop = min(d.total_steps, int(tc.stop_after)) if tc.stop_after is not None else d.total_steps
     try:
-        while step < d.total_steps:
+        while step < stop:
             lr, wd = sched.lr_at(step), sched.wd_at(step)
             apply_schedule(opt, lr, wd)
             terms: dict[str, float] = {}
@@ -160,13 +161,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             opt.zero_grad(set_to_none=True)
             step += 1
             terms.update(method.after_step(step, d.total_steps))
-            if step % tc.log_every == 0 or step == d.total_steps:
+            if step % tc.log_every == 0 or step == stop:
                 dt = time.perf_counter() - t0
                 metrics = {**terms, "lr": lr, "wd": wd, "images_per_s": imgs / max(dt, 1e-9), "epoch": step / d.steps_per_epoch}
                 log.log(step, metrics)
                 log.progress(step, {"loss": terms["loss"], "lr": lr, "img/s": metrics["images_per_s"]})
                 t0, imgs = time.perf_counter(), 0
-            if step % tc.ckpt_every == 0 or step == d.total_steps:
+            if step % tc.ckpt_every == 0 or step == stop:
                 save(run_dir / "checkpoints" / "last.pt", metrics)
             if tc.keep_every and step % tc.keep_every == 0:
                 save(run_dir / "checkpoints" / f"step_{step}.pt", metrics)

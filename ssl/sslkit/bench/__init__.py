@@ -1,0 +1,111 @@
+"""Benchmark harness (``scripts/benchmark.py``). Each benchmark is a function returning rows.
+
+Every measured configuration runs in a fresh subprocess (so max-RSS figures are not polluted by the
+previous one), sequentially, inside one invocation: side by side on the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        BENCHMARKS[name] = fn
+        return fn
+    return deco
+
+
+def row(benchmark: str, model: str, variant: str, metric: str, value: float, unit: str) -> dict[str, Any]:
+    return {"benchmark": benchmark, "model": model, "variant": variant, "metric": metric,
+            "value": round(float(value), 4), "unit": unit}
+
+
+# ----------------------------------------------------------------------------------------- memory
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024.0
+
+
+def peak_rss_mb() -> float:
+    return _status_kb("VmHWM") / 1024.0
+
+
+def reset_peak_rss() -> None:
+    """Reset the high-water mark to the current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def time_steps(step: Callable[[], None], warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    out = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in a fresh spawned process and return its result."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def print_table(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+    print(f"\n== benchmark {name} | {platform.node()} {platform.machine()} cpus={os.cpu_count()} | "
+          f"torch {torch.__version__} threads={torch.get_num_threads()} | "
+          + " ".join(f"{k}={v}" for k, v in extra.items()))
+    print(f"{'model':<14}{'variant':<18}{'metric':<20}{'value':>12}  unit")
+    for r in rows:
+        print(f"{r['model']:<14}{r['variant']:<18}{r['metric']:<20}{r['value']:>12.4g}  {r['unit']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sslkit.bench import umae  # noqa: F401  (registers)
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("--out", default=None, help="write the rows as a JSON list")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--models", default=None, help="comma-separated subset of models")
+    p.add_argument("--official", default=None,
+                   help="(umae) path to a checkout of the official UM-MAE code to measure side by side")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = BENCHMARKS[args.name](args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} rows to {args.out}")

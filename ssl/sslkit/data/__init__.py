@@ -1,0 +1,41 @@
+"""The one data pipeline: sources -> views -> batches (+ masks, made in the workers).
+
+- ``build_source(cfg)``: synthetic (default), image_folder (directory or uncompressed .tar),
+  cifar10 / cifar100 / stl10 / imagenet (offline).
+- ``build_pretrain_loader(source, cfg, view, mask_fn, seed=...)``: endless, deterministic,
+  exactly resumable batches ``{"images", "labels", "index", **masks}``.
+- ``build_eval_loader(source, cfg, size)``: resize + center crop, in order, for kNN evaluation.
+- ``views.build_mae_view(view, mean, std)``: the MAE-style view.
+"""
+
+from sslkit.data.loader import PretrainLoader, build_eval_loader, build_pretrain_loader, derive_seed
+from sslkit.data.sources import (
+    CIFARSource,
+    ImageFolderSource,
+    Source,
+    STL10Source,
+    SubsetSource,
+    UnreadableImageError,
+    build_source,
+    split_indices,
+)
+from sslkit.data.synthetic import SyntheticSource
+from sslkit.data.views import build_eval_view, build_mae_view
+
+__all__ = [
+    "build_source",
+    "build_pretrain_loader",
+    "build_eval_loader",
+    "build_mae_view",
+    "build_eval_view",
+    "PretrainLoader",
+    "Source",
+    "SyntheticSource",
+    "ImageFolderSource",
+    "CIFARSource",
+    "STL10Source",
+    "SubsetSource",
+    "UnreadableImageError",
+    "split_indices",
+    "derive_seed",
+]

@@ -1,0 +1,352 @@
+"""Pretraining and evaluation loaders: deterministic order, seeded views, masks made in the workers.
+
+Pretraining order. Global batch counter ``g = 0, 1, 2, ...`` runs across epochs; epoch
+``e = g // batches_per_epoch``. Epoch e's order is a permutation of the source seeded from
+(seed, e), the same on every rank; rank r takes every ``world_size``-th entry of it (so ranks see
+disjoint samples) and its batches are consecutive ``batch_size`` chunks of that (drop_last).
+
+Reproducibility. The sampler yields one *batch key* ``(g, sample indices)`` per step; a worker turns
+the key into the whole batch: each sample's view is drawn with torch's CPU generator seeded from
+(seed, rank, g, position in batch), and the masks from a ``torch.Generator`` seeded from
+(seed, rank, g). A batch is therefore a pure function of (source, config, seed, rank, g): the same
+with 0 or N workers and after a resume from ``start_batch`` (the count of batches already
+consumed), with nothing replayed or skipped. The worker's global RNG state is restored after each
+batch, so a ``num_workers=0`` loader leaves the training process's RNG untouched.
+
+Unreadable images (``data.on_error``): ``raise`` fails at once naming the file; ``skip`` substitutes
+the next readable index (deterministic) and logs a warning naming the file and the running count of
+distinct skipped files. The count is shared by all worker processes through a
+``multiprocessing.Value`` plus a shared byte map of known-bad indices (so a file is counted and
+warned about once, whichever worker meets it first, and known-bad files are not re-read). More
+than ``data.max_errors`` skipped files fails with a ``DataError`` naming the limit and the last file.
+The count restarts when a new loader is built (e.g. on resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sslkit.config import DataConfig, ViewConfig
+from sslkit.data.sources import UnreadableImageError
+from sslkit.data.views import View, build_eval_view, build_mae_view
+from sslkit.errors import ConfigError, DataError
+
+log = logging.getLogger("sslkit.data")
+
+MaskFn = Callable[[int, torch.Generator], dict[str, torch.Tensor]]
+
+# stream tags keep the seeds of different random uses apart
+_EPOCH, _VIEW, _MASK, _LOADER = 1, 2, 3, 4
+_M64 = (1 << 64) - 1
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixing ``parts`` (splitmix64 chain): distinct inputs give unrelated seeds."""
+    h = 0x243F6A8885A308D3
+    for p in parts:
+        h = ((h ^ (int(p) & _M64)) + 0x9E3779B97F4A7C15) & _M64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _M64
+        h ^= h >> 31
+    return h >> 1
+
+
+# ----------------------------------------------------------------------------------------- errors
+class ErrorPolicy:
+    """Reads samples under ``data.on_error``; picklable into worker processes (shared counters)."""
+
+    def __init__(self, on_error: str, max_errors: int, num_samples: int) -> None:
+        if on_error not in ("skip", "raise"):
+            raise ConfigError(f"data.on_error must be 'skip' or 'raise', got {on_error!r}")
+        if int(max_errors) < 0:
+            raise ConfigError(f"data.max_errors must be >= 0, got {max_errors}")
+        self.on_error = on_error
+        self.max_errors = int(max_errors)
+        self._count = mp.Value("q", 0)  # distinct unreadable files met so far, all processes
+        self._bad = mp.RawArray("B", max(1, num_samples))  # 1 = index known unreadable
+
+    @property
+    def skipped(self) -> int:
+        return int(self._count.value)
+
+    def read(self, source: Any, i: int) -> tuple[Any, int, int]:
+        """(image, label, index actually read): ``i`` or, if unreadable, the next readable index."""
+        n = len(source)
+        j = int(i)
+        for _ in range(n):
+            if not self._bad[j]:
+                try:
+                    img, label = source[j]
+                    return img, int(label), j
+                except UnreadableImageError as e:
+                    if self.on_error == "raise":
+                        raise
+                    self._record(j, e.file or f"sample {j}", e)
+            j = (j + 1) % n
+        raise DataError(f"none of the {n} images of the data source is readable; check data.path")
+
+    def _record(self, j: int, name: str, err: Exception) -> None:
+        with self._count.get_lock():
+            if self._bad[j]:  # another worker recorded it first
+                return
+            self._bad[j] = 1
+            self._count.value += 1
+            count = int(self._count.value)
+        cause = err.__cause__ if err.__cause__ is not None else err
+        if count > self.max_errors:
+            raise DataError(
+                f"more than data.max_errors={self.max_errors} unreadable images skipped ({count}); the last "
+                f"was {name} ({type(cause).__name__}: {cause}). Fix: repair or remove the broken files, "
+                f"or raise data.max_errors"
+            )
+        log.warning(
+            "skipped unreadable image %s (%s: %s); %d skipped so far (limit data.max_errors=%d); "
+            "using the next readable image instead", name, type(cause).__name__, cause, count, self.max_errors,
+        )
+
+
+# ----------------------------------------------------------------------------------------- pretrain
+class _BatchKeys(Sampler):
+    """Endless batch keys ``(g, indices)`` from ``g = start`` on (see the module docstring)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = n // world_size
+        self.batches_per_epoch = self.per_rank // batch_size
+        self.start = 0
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """(per_rank,) int64: this rank's samples of ``epoch`` in order."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
+        perm = torch.randperm(self.n, generator=gen)
+        return perm[self.rank : self.per_rank * self.world_size : self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, tuple[int, ...]]]:
+        g = self.start
+        B, bpe = self.batch_size, self.batches_per_epoch
+        while True:
+            epoch, b0 = divmod(g, bpe)
+            order = self.epoch_indices(epoch)
+            for b in range(b0, bpe):
+                yield g, tuple(order[b * B : (b + 1) * B].tolist())
+                g += 1
+
+
+class _PretrainBatches(Dataset):
+    """Batch key -> batch dict; runs in the worker (decode, views, stack, masks)."""
+
+    def __init__(self, source: Any, view: View, mask_fn: Optional[MaskFn], policy: ErrorPolicy,
+                 seed: int, rank: int) -> None:
+        self.source, self.view, self.mask_fn, self.policy = source, view, mask_fn, policy
+        self.seed, self.rank = seed, rank
+
+    def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        g, indices = key
+        B = len(indices)
+        images, labels, used = [], [], []
+        rng_state = torch.get_rng_state()  # views use the global CPU generator: restore it after
+        try:
+            for pos, i in enumerate(indices):
+                img, label, j = self.policy.read(self.source, i)
+                torch.default_generator.manual_seed(derive_seed(self.seed, _VIEW, self.rank, g, pos))
+                images.append(self.view(img))  # (3, S, S) float32
+                labels.append(label)
+                used.append(j)
+        finally:
+            torch.set_rng_state(rng_state)
+        batch = {
+            "images": torch.stack(images),  # (B, 3, S, S)
+            "labels": torch.tensor(labels, dtype=torch.int64),  # (B,)
+            "index": torch.tensor(used, dtype=torch.int64),  # (B,)
+        }
+        if self.mask_fn is not None:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, _MASK, self.rank, g))
+            masks = self.mask_fn(B, gen)
+            assert not set(masks) & set(batch), f"mask keys {sorted(masks)} clash with the batch keys"
+            batch.update(masks)
+        return batch
+
+    def __len__(self) -> int:  # not used for sampling (the sampler is endless)
+        return len(self.source)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class PretrainLoader:
+    """Endless iterable of pretraining batch dicts (see the module docstring).
+
+    ``state_dict()`` counts the batches *yielded to the caller* (prefetched ones don't count); build a
+    new loader with ``start_batch=state["batches_consumed"]`` to resume exactly. One active iterator
+    at a time: a new ``iter()`` continues after the last batch handed out.
+    """
+
+    def __init__(self, source: Any, cfg: DataConfig, view: ViewConfig, mask_fn: Optional[MaskFn], *,
+                 seed: int, start_batch: int, device: str, rank: int, world_size: int) -> None:
+        n = len(source)
+        B = int(cfg.batch_size)
+        if B <= 0:
+            raise ConfigError(f"data.batch_size must be positive, got {B}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if start_batch < 0:
+            raise ConfigError(f"start_batch must be >= 0, got {start_batch}")
+        num_workers = int(cfg.num_workers)
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.seed = int(seed)
+        self.batch_size = B
+        self.rank, self.world_size = rank, world_size
+        self._sampler = _BatchKeys(n, B, self.seed, rank, world_size)
+        if self._sampler.batches_per_epoch == 0:
+            raise DataError(
+                f"the data source has {n} images, fewer than one batch per rank (data.batch_size={B} x "
+                f"world_size={world_size}). Fix: lower data.batch_size or use more data"
+            )
+        self.policy = ErrorPolicy(str(cfg.on_error), int(cfg.max_errors), n)
+        self._dataset = _PretrainBatches(source, build_mae_view(view, cfg.mean, cfg.std), mask_fn,
+                                         self.policy, self.seed, rank)
+        self._consumed = int(start_batch)
+        self._loader = DataLoader(
+            self._dataset,
+            batch_size=None,  # the dataset returns whole batches
+            sampler=self._sampler,
+            num_workers=num_workers,
+            collate_fn=_identity,
+            pin_memory=str(device).startswith("cuda"),
+            persistent_workers=num_workers > 0,
+            # DataLoader draws its worker base seed from this, not from the global RNG (unused by us)
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, _LOADER, rank)),
+        )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self._sampler.batches_per_epoch
+
+    @property
+    def batches_consumed(self) -> int:
+        return self._consumed
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample order in ``epoch`` (before any skip substitution)."""
+        return self._sampler.epoch_indices(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._sampler.start = self._consumed
+        for batch in self._loader:
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, b = divmod(self._consumed, self.batches_per_epoch)
+        return {"epoch": epoch, "batch_in_epoch": b, "batches_consumed": self._consumed, "seed": self.seed}
+
+    def close(self) -> None:
+        """Stop the persistent worker processes (they also stop when the loader is garbage collected)."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader._iterator = None
+
+    def __enter__(self) -> "PretrainLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _describe(source: Any, i: int) -> str:
+    return source.describe(i) if hasattr(source, "describe") else f"sample {i}"
+
+
+def _first_native_size(source: Any, policy: ErrorPolicy) -> tuple[int, int]:
+    """Native (H, W) of the first readable image (following ``data.on_error``)."""
+    if not hasattr(source, "native_size"):  # e.g. a torch Subset: decode the first image
+        img = policy.read(source, 0)[0]
+        return (img.height, img.width) if hasattr(img, "height") else tuple(img.shape[-2:])
+    last: Optional[Exception] = None
+    for i in range(min(len(source), 1000)):
+        try:
+            return source.native_size(i)
+        except UnreadableImageError as e:
+            if policy.on_error == "raise":
+                raise
+            last = e
+    assert last is not None
+    raise last
+
+
+def check_size(source: Any, cfg: DataConfig, size: int, policy: ErrorPolicy) -> None:
+    """Fail (or warn once) when the first image is smaller than the view ``size``."""
+    h, w = _first_native_size(source, policy)
+    if min(h, w) >= size:
+        return
+    if not cfg.allow_upscale:
+        raise DataError(
+            f"images are {h}x{w} (first: {_describe(source, 0)}), smaller than the view size {size}, and "
+            f"data.allow_upscale=false. Fix: set data.allow_upscale=true to upsample them, or lower "
+            f"method.view.size to at most {min(h, w)}"
+        )
+    log.warning("images are %dx%d, smaller than the view size %d: views upsample them (data.allow_upscale=true)",
+                h, w, size)
+
+
+def build_pretrain_loader(source: Any, cfg: DataConfig, view: ViewConfig, mask_fn: Optional[MaskFn] = None, *,
+                          seed: int, start_batch: int = 0, device: str = "cpu", rank: int = 0,
+                          world_size: int = 1) -> PretrainLoader:
+    """The endless, resumable pretraining loader over ``source`` (see ``PretrainLoader``).
+
+    Batches: ``{"images": (B, 3, S, S) float32, "labels": (B,) int64, "index": (B,) int64,
+    **mask_fn(B, generator)}`` with ``B = data.batch_size`` and ``S = view.size``.
+    """
+    loader = PretrainLoader(source, cfg, view, mask_fn, seed=seed, start_batch=start_batch, device=device,
+                            rank=rank, world_size=world_size)
+    check_size(source, cfg, int(view.size), loader.policy)
+    return loader
+
+
+# ----------------------------------------------------------------------------------------- eval
+class _EvalSamples(Dataset):
+    def __init__(self, source: Any, view: View, policy: ErrorPolicy) -> None:
+        self.source, self.view, self.policy = source, view, policy
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        img, label, j = self.policy.read(self.source, i)
+        return {"images": self.view(img), "labels": label, "index": j}
+
+
+def _collate_eval(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {
+        "images": torch.stack([s["images"] for s in samples]),  # (B, 3, S, S)
+        "labels": torch.tensor([s["labels"] for s in samples], dtype=torch.int64),  # (B,)
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),  # (B,)
+    }
+
+
+def build_eval_loader(source: Any, cfg: DataConfig, size: int, *, batch_size: Optional[int] = None,
+                      num_workers: Optional[int] = None) -> DataLoader:
+    """Deterministic loader over all of ``source`` in order: resize(size) + center crop(size).
+
+    Yields ``{"images": (B, 3, size, size) float32, "labels": (B,) int64, "index": (B,) int64}``;
+    no shuffle, no drop_last. Unreadable images follow ``data.on_error`` like pretraining.
+    """
+    bs = int(batch_size if batch_size is not None else cfg.batch_size)
+    nw = int(num_workers if num_workers is not None else cfg.num_workers)
+    if bs <= 0 or nw < 0:
+        raise ConfigError(f"eval loader needs batch_size > 0 and num_workers >= 0, got {bs}, {nw}")
+    if len(source) == 0:
+        raise DataError("the evaluation data source is empty; check data.path and data.split")
+    policy = ErrorPolicy(str(cfg.on_error), int(cfg.max_errors), len(source))
+    dataset = _EvalSamples(source, build_eval_view(size, cfg.mean, cfg.std), policy)
+    return DataLoader(dataset, batch_size=bs, shuffle=False, drop_last=False, num_workers=nw,
+                      collate_fn=_collate_eval)

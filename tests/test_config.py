@@ -1,0 +1,71 @@
+"""Every config composes; typos and wrong types fail at compose time naming the key; derived values."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from sslkit.cli import compose, config_dir
+from sslkit.config import derive
+from sslkit.errors import ConfigError
+
+EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+
+
+def test_expected_experiments_exist():
+    assert {"umae_demo", "umae_pvt_small", "umae_swin_tiny", "simmim_pvt_small", "simmim_swin_tiny"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(experiment):
+    cfg = compose([f"experiment={experiment}"])
+    OmegaConf.resolve(cfg)
+    assert cfg.method.name in ("umae", "simmim")
+    assert cfg.model.img_size == cfg.method.view.size
+
+
+@pytest.mark.parametrize("group", ["method", "model", "data", "optim", "trainer", "logger"])
+def test_every_group_option_composes(group):
+    for p in sorted((Path(config_dir()) / group).glob("*.yaml")):
+        overrides = [f"{group}={p.stem}"]
+        if group == "data" and p.stem != "synthetic":
+            overrides.append("data.path=/nonexistent")
+        cfg = compose(overrides)
+        OmegaConf.resolve(cfg)
+
+
+def test_default_is_the_umae_demo():
+    cfg = compose([])
+    assert cfg.method.name == "umae" and cfg.model.name == "sslkit_pvt_test" and cfg.data.name == "synthetic"
+    assert cfg.method.view.size == 64 and cfg.method.unit == 8
+
+
+@pytest.mark.parametrize("override,key", [("method.secondary_mask_ratoi=0.3", "secondary_mask_ratoi"),
+                                          ("trainer.max_steps=ten", "max_steps"),
+                                          ("data.batch_size=1.5", "batch_size"),
+                                          ("optim.lr_typo=1", "lr_typo")])
+def test_typos_and_types_fail_at_compose_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose([override])
+    assert key in str(e.value) + str(e.value.__cause__)
+
+
+def test_derived_values():
+    cfg = compose(["data.batch_size=32", "trainer.accum_steps=2", "optim.blr=1e-4", "trainer.epochs=3",
+                   "optim.warmup_epochs=1"])
+    d = derive(cfg, dataset_size=1000)
+    assert d.global_batch == 64
+    assert d.lr == pytest.approx(1e-4 * 64 / 256)
+    assert d.steps_per_epoch == 1000 // 64
+    assert d.total_steps == 3 * (1000 // 64)
+    assert d.warmup_steps == 1000 // 64
+    cfg2 = compose(["trainer.max_steps=7", "optim.lr=0.01"])
+    d2 = derive(cfg2, dataset_size=1000)
+    assert d2.total_steps == 7 and d2.lr == 0.01
+
+
+def test_dataset_smaller_than_a_batch_fails_clearly():
+    cfg = compose(["data.batch_size=64"])
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        derive(cfg, dataset_size=10)

@@ -1,0 +1,99 @@
+"""The loop end to end: smoke runs of every experiment, save -> resume equivalence, non-finite loss."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslkit import checkpoint as ck
+from sslkit.cli import compose, run_pretrain
+from sslkit.errors import TrainingError
+from tests.test_config import EXPERIMENTS
+
+FAST = ["logger.wandb.mode=disabled", "trainer.progress=false", "trainer.summary=false", "data.num_workers=0",
+        "trainer.log_every=1"]
+
+
+def tiny(*extra: str) -> list[str]:
+    return FAST + ["data.num_samples=64", "data.batch_size=8", "trainer.max_steps=6", "trainer.ckpt_every=100",
+                   *extra]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_smoke_every_experiment_with_save_and_resume(experiment, tmp_path):
+    ov = [f"experiment={experiment}", *FAST, "data.batch_size=2", "data.num_samples=8", "trainer.max_steps=3",
+          "trainer.accum_steps=1",
+          "trainer.stop_after=2"]
+    r = run_pretrain(compose(ov), tmp_path)
+    assert r.step == 2
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2] and all(torch.isfinite(torch.tensor(x["loss"])) for x in rows)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 2 and state["data_state"]["batches_consumed"] == 2
+    assert "derived" in (tmp_path / "config.yaml").read_text()
+    # resume=auto picks it up and finishes the schedule
+    r2 = run_pretrain(compose([x for x in ov if not x.startswith("trainer.stop_after")]), tmp_path)
+    assert r2.step == 3
+
+
+def _params(path: Path) -> dict[str, torch.Tensor]:
+    return ck.load(path)["model"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_equals_uninterrupted(tmp_path, workers):
+    ov = tiny(f"data.num_workers={workers}", "optim.warmup_steps=2")
+    run_pretrain(compose(ov), tmp_path / "a")
+    run_pretrain(compose(ov + ["trainer.stop_after=3"]), tmp_path / "b")
+    assert ck.load(tmp_path / "b" / "checkpoints" / "last.pt")["step"] == 3
+    run_pretrain(compose(ov), tmp_path / "b")  # resume=auto
+    a, b = _params(tmp_path / "a" / "checkpoints" / "last.pt"), _params(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in ma] == [x["loss"] for x in mb]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from sslkit.methods.umae import UMMAE
+
+    orig = UMMAE.forward
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        out = orig(self, batch)
+        if calls["n"] == 3:
+            out = {**out, "loss": out["loss"] * float("nan"), "loss_rec": out["loss_rec"] * float("nan")}
+        return out
+
+    monkeypatch.setattr(UMMAE, "forward", flaky)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 2 \(loss=nan, loss_rec=nan\)"):
+        run_pretrain(compose(tiny("trainer.ckpt_every=1")), tmp_path)
+    good = ck.load(tmp_path / "checkpoints" / "last.pt")
+    assert good["step"] == 2
+    assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+
+
+def test_resume_into_a_different_model_is_refused(tmp_path):
+    from sslkit.errors import CheckpointError
+
+    run_pretrain(compose(tiny("trainer.max_steps=1")), tmp_path)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        run_pretrain(compose(tiny("trainer.max_steps=2", "model=sslkit_swin_test")), tmp_path)
+
+
+def test_console_script_runs_and_reports_config_errors(tmp_path):
+    exe = Path(sys.executable).with_name("sslkit-pretrain")
+    ok = subprocess.run([str(exe), *tiny("trainer.max_steps=2"), f"hydra.run.dir={tmp_path}/run"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    bad = subprocess.run([str(exe), "method.secondary_mask_ratoi=0.5", f"hydra.run.dir={tmp_path}/bad"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "secondary_mask_ratoi" in bad.stderr
