@@ -97,3 +97,21 @@ def test_console_script_runs_and_reports_config_errors(tmp_path):
     bad = subprocess.run([str(exe), "method.secondary_mask_ratoi=0.5", f"hydra.run.dir={tmp_path}/bad"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "secondary_mask_ratoi" in bad.stderr
+
+
+def test_summary_reports_what_was_learned(tmp_path, capsys):
+    ov = [x for x in tiny("trainer.max_steps=2") if x != "trainer.summary=false"]
+    run_pretrain(compose(ov), tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert {"heldout_loss_pretrained", "heldout_loss_random_init", "knn_top1_pretrained", "knn_top1_raw_pixels"} <= set(s)
+    assert "kNN top-1" in capsys.readouterr().out
+
+
+def test_wandb_offline_run_id_survives_resume(tmp_path):
+    ov = [x for x in tiny("trainer.max_steps=2") if not x.startswith("logger.wandb.mode")] + ["logger.wandb.mode=offline"]
+    run_pretrain(compose(ov + ["trainer.stop_after=1"]), tmp_path)
+    first = ck.load(tmp_path / "checkpoints" / "last.pt")["wandb_id"]
+    run_pretrain(compose(ov), tmp_path)
+    assert first and ck.load(tmp_path / "checkpoints" / "last.pt")["wandb_id"] == first
+    runs = [p.name for p in (tmp_path / "wandb").iterdir() if p.name.startswith("offline-run")]
+    assert runs and all(r.endswith(first) for r in runs)

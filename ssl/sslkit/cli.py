@@ -79,15 +79,29 @@ def summarize(cfg: DictConfig, result: Any) -> Optional[dict[str, float]]:
     random_init = build_method(cfg).to(device).eval()
     result.method.eval()
     out: dict[str, float] = {}
+    # 1) masked reconstruction on held-out images (same masks for both models)
+    masking = result.method.masking()
+    for label, m in [("pretrained", result.method), ("random_init", random_init)]:
+        g, tot, n = torch.Generator().manual_seed(0), 0.0, 0
+        with torch.no_grad():
+            for batch in loaders[1]:
+                b = {"images": batch["images"].to(device), **{k: v.to(device) for k, v in masking(len(batch["images"]), g).items()}}
+                tot += float(m(b)["loss"]) * len(batch["images"])
+                n += len(batch["images"])
+        out[f"heldout_loss_{label}"] = tot / max(1, n)
+    # 2) kNN on frozen features
     for label, embed in [("pretrained", result.method.features), ("random_init", random_init.features),
                          ("raw_pixels", lambda x: x.flatten(1) - x.flatten(1).mean(1, keepdim=True))]:
         (trf, try_), (tef, tey) = [extract_features(embed, ld, device) for ld in loaders]
-        out[label] = knn_classify(trf, try_, tef, tey)["top1"]
+        out[f"knn_top1_{label}"] = knn_classify(trf, try_, tef, tey)["top1"]
     n_cls = len(test_src.classes)
-    print(f"[sslkit] kNN top-1 (k=20, cosine) on {len(test_src)} held-out images: encoder after pretraining "
-          f"{out['pretrained']:.1f}% | same encoder at random init {out['random_init']:.1f}% | raw pixels "
-          f"{out['raw_pixels']:.1f}% | chance {100.0 / max(1, n_cls):.1f}%")
-    (Path(result.run_dir) / "summary.json").write_text(json.dumps({"knn_top1": out}, indent=2))
+    print(f"[sslkit] held-out masked reconstruction ({result.method.name} loss, {len(test_src)} images): after "
+          f"pretraining {out['heldout_loss_pretrained']:.4f} | same model at random init "
+          f"{out['heldout_loss_random_init']:.4f}")
+    print(f"[sslkit] kNN top-1 (k=20, cosine, mean-pooled last stage) on the same images: after pretraining "
+          f"{out['knn_top1_pretrained']:.1f}% | random init {out['knn_top1_random_init']:.1f}% | raw pixels "
+          f"{out['knn_top1_raw_pixels']:.1f}% | chance {100.0 / max(1, n_cls):.1f}%")
+    (Path(result.run_dir) / "summary.json").write_text(json.dumps(out, indent=2))
     return out
 
 

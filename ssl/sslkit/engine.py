@@ -167,6 +167,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 log.log(step, metrics)
                 log.progress(step, {"loss": terms["loss"], "lr": lr, "img/s": metrics["images_per_s"]})
                 t0, imgs = time.perf_counter(), 0
+            else:
+                log.progress(step)
             if step % tc.ckpt_every == 0 or step == stop:
                 save(run_dir / "checkpoints" / "last.pt", metrics)
             if tc.keep_every and step % tc.keep_every == 0:

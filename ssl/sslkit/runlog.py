@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +29,7 @@ class RunLogger:
         if is_main and mode != "disabled":
             import wandb
 
-            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb_id = wandb_id or uuid.uuid4().hex[:12]
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb_run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
                                         tags=list(wandb_cfg.tags), config=config, dir=str(self.run_dir), mode=mode,
@@ -50,12 +51,13 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
-    def progress(self, step: int, postfix: dict[str, float]) -> None:
+    def progress(self, step: int, postfix: Optional[dict[str, float]] = None) -> None:
         if self.bar is not None:
+            if postfix is not None:
+                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                     refresh=False)
             self.bar.update(step - self._last_bar_step)
             self._last_bar_step = step
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                 refresh=False)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:

@@ -208,7 +208,7 @@ class PVT(nn.Module):
         if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(sr_ratios) == S):
             raise ConfigError("PVT: embed_dims, depths, num_heads, mlp_ratios, sr_ratios need one entry per stage")
         if embed_dims[0] % 4:
-            raise ConfigError(f"PVT: embed_dims[0]={embed_dims[0]} must be a multiple of 4 (sin-cos position embedding)")
+            raise ConfigError(f"PVT: embed_dims[0]={embed_dims[0]} must be a multiple of 4 (sin-cos pos. embedding)")
         if global_pool != "avg":
             raise ConfigError(f"PVT: only global_pool='avg' is supported, got {global_pool!r}")
         self.img_size = img_size

@@ -132,25 +132,36 @@ def build_rel_pos_index(
             p = torch.roll(p, shifts=(-shift, -shift), dims=(1, 2))
         p = _window_partition(p, ws)  # (Bp, nW, N, 2)
         nW, N = p.shape[1], p.shape[2]
+        n_pairs = Bp * nW * N * N
         idx_c, offs_c = [], []
         for c in range(2):
             vals, inv = torch.unique(p[..., c], return_inverse=True)  # (P,), (Bp, nW, N)
             P = vals.numel()
-            diff = vals[None, :] - vals[:, None]  # (P, P): [a, b] = vals[b] - vals[a]
-            offs, pair_map = torch.unique(diff, return_inverse=True)  # (U,), (P, P)
-            pair = inv[..., :, None] * P + inv[..., None, :]  # (Bp, nW, N, N): query i, key j
-            idx_c.append(pair_map.view(-1)[pair])
+            if P * P <= n_pairs:  # usual case (grid-like positions): P is small
+                diff = vals[None, :] - vals[:, None]  # (P, P): [a, b] = vals[b] - vals[a]
+                offs, pair_map = torch.unique(diff, return_inverse=True)  # (U,), (P, P)
+                pair = inv[..., :, None] * P + inv[..., None, :]  # (Bp, nW, N, N): query i, key j
+                idx_c.append(pair_map.view(-1)[pair])
+            else:  # scattered positions: unique over the pairs themselves
+                pc = p[..., c]
+                offs, pair_idx = torch.unique(pc[..., None, :] - pc[..., :, None], return_inverse=True)
+                idx_c.append(pair_idx)  # (Bp, nW, N, N)
             offs_c.append(offs)
         Uh, Uw = offs_c[0].numel(), offs_c[1].numel()
-        T = Uh * Uw
-        coords = torch.stack(torch.meshgrid(offs_c[0], offs_c[1], indexing="ij"), dim=-1).view(T, 2)
         idx = idx_c[0] * Uw + idx_c[1]  # (Bp, nW, N, N) into the (Uh, Uw) table
+        if Uh * Uw <= n_pairs:
+            T = Uh * Uw
+            coords = torch.stack(torch.meshgrid(offs_c[0], offs_c[1], indexing="ij"), dim=-1).view(T, 2)
+        else:  # the full (Uh, Uw) table would exceed the number of pairs: keep the (dh, dw) that occur
+            used, idx = torch.unique(idx, return_inverse=True)
+            T = used.numel()
+            coords = torch.stack([offs_c[0][used // Uw], offs_c[1][used % Uw]], dim=-1)  # (T, 2)
         head_off = torch.arange(num_heads, device=idx.device).view(1, 1, num_heads, 1, 1) * T
         index = idx[:, :, None] + head_off  # (Bp, nW, heads, N, N)
         if masked:
             mask = _window_mask(H, W, ws, shift, pos.device)
             if mask is not None:
-                index = index.masked_fill(mask[None, :, None], num_heads * T)
+                index.masked_fill_(mask[None, :, None], num_heads * T)
         index = index.view(Bp, nW * num_heads, N, N)
     return RelPosIndex(log_spaced(coords), index, num_heads)
 
