@@ -225,7 +225,7 @@ def test_timm_registration() -> None:
         small = timm.create_model("sslkit_pvt_small", um_pretrain=True)
         assert timm.create_model("sslkit_pvt_small").sr_ratios == (8, 4, 2, 1)
     assert small.embed_dims == (64, 128, 320, 512) and small.reduction == 32
-    assert [len(s.blocks) for s in small.stages] == [3, 4, 6, 3]
+    assert [len(s.blocks) for s in small.stages] == list(small.depths) == [3, 4, 6, 3]
     assert [s.blocks[0].attn.num_heads for s in small.stages] == [1, 2, 5, 8]
     assert [s.blocks[0].mlp.fc1.out_features // d for s, d in zip(small.stages, small.embed_dims)] == [8, 8, 4, 4]
     assert small.sr_ratios == (4, 2, 1, 1)

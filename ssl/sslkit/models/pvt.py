@@ -216,6 +216,7 @@ class PVT(nn.Module):
         self.num_classes = num_classes
         self.global_pool = "avg"
         self.embed_dims = tuple(int(d) for d in embed_dims)
+        self.depths = tuple(int(d) for d in depths)
         self.num_features = self.head_hidden_size = self.embed_dims[-1]
         self.stem_stride = int(patch_size)
         self.reduction = self.stem_stride * 2 ** (S - 1)
