@@ -143,3 +143,21 @@ def test_unit_mismatch_and_odd_grid_fail_at_build():
         make("umae", "sslkit_pvt_test", "method.unit=16")
     with pytest.raises(ConfigError, match="even"):
         make("umae", "sslkit_pvt_test", "method.view.size=72")
+
+
+def test_decoder_block_partial_output_equals_full_rows():
+    from sslkit.methods.umae import DecoderBlock
+
+    blk = DecoderBlock(32, 4, 2.0).eval()
+    x = torch.randn(3, 20, 32)
+    full = blk(x)
+    part = blk(x, 15)
+    assert part.shape == (3, 15, 32)
+    torch.testing.assert_close(part, full[:, 5:], rtol=1e-5, atol=1e-6)
+    # and the reference: a plain softmax attention block written out by hand
+    y = blk.norm1(x)
+    q, k, v = blk.qkv(y).view(3, 20, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    a = ((q @ k.transpose(-2, -1)) / 8 ** 0.5).softmax(-1) @ v
+    ref = x + blk.proj(a.transpose(1, 2).reshape(3, 20, 32))
+    ref = ref + blk.mlp(blk.norm2(ref))
+    torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)

@@ -332,8 +332,8 @@ def test_convert_rejects_unknown_and_missing_keys() -> None:
     bad = dict(sd, **extra)
     with pytest.raises(CheckpointError, match="head.weight"):
         convert_um_pretrain_to_finetune(bad)
-    missing = {k: v for k, v in sd.items() if k != "stages.2.blocks.1.attn.pos_mlp.fc2.bias"}
-    with pytest.raises(CheckpointError, match=r"stages\.2\.blocks\.1\.attn\.pos_mlp\.fc2\.bias"):
+    missing = {k: v for k, v in sd.items() if k != "stages.2.blocks.1.attn.pos_mlp.fc2.weight"}
+    with pytest.raises(CheckpointError, match=r"stages\.2\.blocks\.1\.attn\.pos_mlp\.fc2\.weight"):
         convert_um_pretrain_to_finetune(missing)
     wrong = dict(sd, **{"stages.0.blocks.0.attn.pos_mlp.fc1.weight": torch.zeros(8, 3)})
     with pytest.raises(CheckpointError, match="pos_mlp.fc1.weight"):

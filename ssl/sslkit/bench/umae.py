@@ -1,8 +1,9 @@
 """``umae``: UM-MAE vs the SimMIM-dense baseline on paper-sized PVT-S and Swin-T, 256 px.
 
 One training step = forward + backward + AdamW step, batch 8 by default. Metrics per (model,
-variant): ``images_per_s`` (median step), ``peak_mem_mb`` (process max RSS), ``activation_mem_mb``
-(peak during the timed steps minus the RSS with model + optimizer state allocated).
+variant): ``images_per_s`` (median step; all variants of a model built in one process and stepped
+round-robin, so load drift hits them alike), ``peak_mem_mb`` (max RSS of a process running that variant
+alone), ``activation_mem_mb`` (peak during the steps minus the RSS with model + optimizer state allocated).
 With ``--official PATH`` (a checkout of the official UM-MAE code), its models are measured side by
 side as variants ``official_umae`` / ``official_simmim`` (needs ``pip install einops``).
 """
@@ -21,8 +22,33 @@ from sslkit.bench import (median, peak_rss_mb, print_table, register, reset_peak
 MODELS = {"pvt_small": "pvt_small", "swin_tiny": "swin_tiny"}
 
 
+def _official_shims() -> None:
+    """Let the 2022 official code run under timm 1.0 / NumPy 2 (benchmark only): its ViT decoder blocks
+    pass ``qk_scale`` (gone from timm), two files import ``turtle`` by accident, it uses ``np.float``."""
+    import types
+
+    import timm.models.vision_transformer as vt
+
+    if not getattr(vt.Block, "_sslkit_shim", False):
+        base = vt.Block
+
+        class Block(base):  # type: ignore[misc, valid-type]
+            _sslkit_shim = True
+
+            def __init__(self, *a: Any, qk_scale: Any = None, **kw: Any) -> None:
+                super().__init__(*a, **kw)
+
+        vt.Block = Block
+    sys.modules.setdefault("turtle", types.SimpleNamespace(pos=None))  # type: ignore[arg-type]
+    import numpy as np
+
+    if not hasattr(np, "float"):  # removed in NumPy 1.24; used by its pos_embed helper
+        np.float = float  # type: ignore[attr-defined]
+
+
 def _official_method(repo: str, model: str, variant: str) -> tuple[torch.nn.Module, Any]:
     sys.path.insert(0, repo)
+    _official_shims()
     B_grid = 16
     if variant == "official_umae":
         import models_mae_pvt
@@ -43,11 +69,9 @@ def _official_method(repo: str, model: str, variant: str) -> tuple[torch.nn.Modu
     return net, lambda B: ((torch.rand(B, B_grid * B_grid).argsort(1) < int(0.75 * B_grid * B_grid)),)
 
 
-def measure(model: str, variant: str, batch: int, threads: int, warmup: int, iters: int,
-            official: str | None) -> dict[str, float]:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    images = torch.randn(batch, 3, 256, 256)
+def _build(model: str, variant: str, batch: int, official: str | None) -> tuple[Any, Any, Any]:
+    """(module, optimizer, step fn) for one variant; the step is forward + backward + AdamW."""
+    images = torch.randn(batch, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     if variant.startswith("official"):
         net, make_mask = _official_method(official, model, variant)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
@@ -69,23 +93,45 @@ def measure(model: str, variant: str, batch: int, threads: int, warmup: int, ite
         def forward() -> torch.Tensor:
             return net({"images": images, **masking(batch, g)})["loss"]
     net.train()
-    for p in net.parameters():  # allocate AdamW state: the baseline is model + optimizer
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    baseline = rss_mb()
-    hwm_init = peak_rss_mb()
-    reset_peak_rss()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         forward().backward()
         opt.step()
 
-    times = time_steps(step, warmup, iters)
+    return net, opt, step
+
+
+def measure_memory(model: str, variant: str, batch: int, threads: int, official: str | None) -> dict[str, float]:
+    """Max RSS and activation memory of one variant, alone in its process."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net, opt, step = _build(model, variant, batch, official)
+    for p in net.parameters():  # allocate AdamW state: the baseline is model + optimizer
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    baseline, hwm_init = rss_mb(), peak_rss_mb()
+    reset_peak_rss()
+    time_steps(step, 1, 2)
     peak = peak_rss_mb()
-    return {"images_per_s": batch / median(times), "peak_mem_mb": max(hwm_init, peak),
-            "activation_mem_mb": peak - baseline, "step_s": median(times)}
+    return {"peak_mem_mb": max(hwm_init, peak), "activation_mem_mb": peak - baseline}
+
+
+def measure_speed(model: str, variants: list[str], batch: int, threads: int, warmup: int, iters: int,
+                  official: str | None) -> dict[str, float]:
+    """Step time of every variant in one process, interleaved round-robin (robust to load drift)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    steps = {v: _build(model, v, batch, official)[2] for v in variants}
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(iters):
+        for v, fn in steps.items():
+            times[v] += time_steps(fn, 0, 1)
+    return {v: batch / median(t) for v, t in times.items()}
 
 
 @register("umae")
@@ -96,19 +142,21 @@ def bench_umae(args: argparse.Namespace) -> list[dict[str, Any]]:
     units = {"images_per_s": "img/s", "peak_mem_mb": "MB", "activation_mem_mb": "MB"}
     rows: list[dict[str, Any]] = []
     for model in models:
-        res = {}
-        for variant in variants:
-            res[variant] = run_isolated(measure, model, variant, batch, args.threads, args.warmup, args.iters,
-                                        args.official)
-            print(f"  {model} {variant}: {res[variant]}", flush=True)
-            rows += [row("umae", model, variant, m, res[variant][m], u) for m, u in units.items()]
+        res = {v: run_isolated(measure_memory, model, v, batch, args.threads, args.official) for v in variants}
+        speed = run_isolated(measure_speed, model, variants, batch, args.threads, args.warmup, args.iters,
+                             args.official)
+        for v in variants:
+            res[v]["images_per_s"] = speed[v]
+            print(f"  {model} {v}: {res[v]}", flush=True)
+            rows += [row("umae", model, v, m, res[v][m], u) for m, u in units.items()]
         rows.append(row("umae", model, "umae/simmim", "speedup", res["umae"]["images_per_s"] / res["simmim"]["images_per_s"], "x"))
         rows.append(row("umae", model, "umae/simmim", "activation_ratio",
                         res["umae"]["activation_mem_mb"] / max(1e-9, res["simmim"]["activation_mem_mb"]), "x"))
         if args.official:
-            rows.append(row("umae", model, "umae/official_umae", "speedup",
-                            res["umae"]["images_per_s"] / res["official_umae"]["images_per_s"], "x"))
-            rows.append(row("umae", model, "simmim/official_simmim", "speedup",
-                            res["simmim"]["images_per_s"] / res["official_simmim"]["images_per_s"], "x"))
+            for ours in ("umae", "simmim"):
+                rows.append(row("umae", model, f"{ours}/official_{ours}", "speedup",
+                                res[ours]["images_per_s"] / res[f"official_{ours}"]["images_per_s"], "x"))
+            rows.append(row("umae", model, "official_umae/official_simmim", "speedup",
+                            res["official_umae"]["images_per_s"] / res["official_simmim"]["images_per_s"], "x"))
     print_table("umae", rows, {"batch": batch, "img": 256, "step": "fwd+bwd+AdamW"})
     return rows

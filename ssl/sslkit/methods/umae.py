@@ -16,8 +16,8 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block
+import torch.nn.functional as F
+from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
 from sslkit.errors import ConfigError
@@ -41,6 +41,38 @@ def check_unit(cfg_unit: int, backbone: nn.Module, img_size: int) -> tuple[int, 
             f"even; use e.g. {max(2 * unit, img_size // (2 * unit) * 2 * unit)}"
         )
     return unit, img_size // unit
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm ViT block (SDPA attention + GELU MLP). ``forward(x, n_out)`` returns only the last
+    ``n_out`` tokens, computing queries, projection and MLP for those alone (keys / values still come
+    from every token): exactly the corresponding rows of the full block's output, for less work. The
+    last decoder block uses it, since only the removed units are predicted."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, n_out: int | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        h = self.num_heads
+        y = self.norm1(x)
+        if n_out is None or n_out == L:
+            q, k, v = self.qkv(y).view(B, L, 3, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, L, d)
+        else:
+            x = x[:, L - n_out:]
+            wq, wkv = self.qkv.weight.split([D, 2 * D])
+            bq, bkv = self.qkv.bias.split([D, 2 * D])
+            q = F.linear(y[:, L - n_out:], wq, bq).view(B, n_out, h, D // h).transpose(1, 2)  # (B, h, n, d)
+            k, v = F.linear(y, wkv, bkv).view(B, L, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, L, d)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, D)  # (B, n, D)
+        x = x + self.proj(a)
+        return x + self.mlp(self.norm2(x))
 
 
 class UMMAE(Method):
@@ -67,8 +99,7 @@ class UMMAE(Method):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.ModuleList(
-            Block(D, int(cfg.decoder_heads), float(cfg.decoder_mlp_ratio), qkv_bias=True, norm_layer=norm)
-            for _ in range(int(cfg.decoder_depth)))
+            DecoderBlock(D, int(cfg.decoder_heads), float(cfg.decoder_mlp_ratio)) for _ in range(int(cfg.decoder_depth)))
         self.decoder_norm = norm(D)
         self.decoder_pred = nn.Linear(D, self.unit * self.unit * 3)
         self.register_buffer("decoder_pos", sincos_2d(grid_coords(g, g).view(-1, 2), D), persistent=False)  # (L, D)
@@ -109,10 +140,10 @@ class UMMAE(Method):
         x_vis = x + pos[keep_idx]  # original positions of the kept units
         x_mask = self.mask_token.to(x.dtype) + pos[masked_idx]  # (B, 3nb, D)
         x = torch.cat([x_vis, x_mask], dim=1)  # (B, L, D)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x[:, keep_idx.shape[1]:])  # only removed units are predicted
-        return self.decoder_pred(x)  # (B, 3nb, u*u*3)
+        n_masked = masked_idx.shape[1]
+        for i, blk in enumerate(self.decoder_blocks):  # the last block computes the removed units only
+            x = blk(x, n_masked if i == len(self.decoder_blocks) - 1 else None)
+        return self.decoder_pred(self.decoder_norm(x[:, -n_masked:]))  # (B, 3nb, u*u*3)
 
     def loss(self, images: torch.Tensor, pred: torch.Tensor, masked_idx: torch.Tensor) -> torch.Tensor:
         target = patchify(images, self.unit)  # (B, L, u*u*3)

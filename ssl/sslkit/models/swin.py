@@ -181,7 +181,9 @@ class PosMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(2, hidden)
         self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, num_heads)
+        # no bias: a per-head constant added to every logit of a window cancels in the softmax, so it
+        # would never receive a gradient (the official 1x1 conv has one; SwinV2's CPB MLP does not)
+        self.fc2 = nn.Linear(hidden, num_heads, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., 2) -> (..., heads)
         return self.fc2(self.act(self.fc1(x)))
@@ -496,6 +498,7 @@ _BLOCK_PARAMS = tuple(
     f"{m}.{p}"
     for m in ("norm1", "attn.qkv", "attn.proj", "attn.pos_mlp.fc1", "attn.pos_mlp.fc2", "norm2", "mlp.fc1", "mlp.fc2")
     for p in ("weight", "bias")
+    if f"{m}.{p}" != "attn.pos_mlp.fc2.bias"  # bias-free (see PosMLP)
 )
 
 
