@@ -120,7 +120,6 @@ class UMMAE(Method):
 
     def forward_encoder(self, images: torch.Tensor, keep_offset: torch.Tensor,
                         sm_masked: torch.Tensor | None) -> torch.Tensor:
-        B = images.shape[0]
         bh, bw = self.grid[0] // 2, self.grid[1] // 2
         x = gather_kept_units(images, keep_offset, self.unit)  # (B, 3, H/2, W/2)
         x = self.backbone.stem(x)  # (B, bh*r, bw*r, C0)

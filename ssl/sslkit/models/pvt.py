@@ -20,7 +20,6 @@ they have at full resolution. Parameter shapes do not depend on the ratios (the 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -30,7 +29,8 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from sslkit.errors import CheckpointError, ConfigError
+from sslkit.errors import ConfigError
+from sslkit.models._common import convert_exact, pyramid_cfg
 from sslkit.models.pos_embed import grid_coords, sincos_2d
 
 __all__ = ["PVT", "convert_um_pretrain_to_finetune", "backbone_keys"]
@@ -360,15 +360,6 @@ def backbone_keys(depths: Sequence[int]) -> list[str]:
     return keys + ["norm.weight", "norm.bias"]
 
 
-def _infer_depths(keys: Sequence[str]) -> list[int]:
-    blocks: dict[int, set[int]] = {}
-    for k in keys:
-        mt = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k)
-        if mt:
-            blocks.setdefault(int(mt[1]), set()).add(int(mt[2]))
-    return [max(blocks.get(i, {-1})) + 1 for i in range(max(blocks, default=-1) + 1)]
-
-
 def convert_um_pretrain_to_finetune(
     state_dict: Mapping[str, torch.Tensor], depths: Sequence[int] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -383,47 +374,17 @@ def convert_um_pretrain_to_finetune(
         CheckpointError: unknown keys (e.g. ``head.*``, decoder or prefixed keys — strip them first),
             missing keys, or a spatial-reduction conv that is not 1x1.
     """
-    depths = list(depths) if depths is not None else _infer_depths(list(state_dict))
-    expected = backbone_keys(depths)
-    unknown = sorted(set(state_dict) - set(expected))
-    missing = [k for k in expected if k not in state_dict]
-    if unknown or missing:
-        raise CheckpointError(
-            f"convert_um_pretrain_to_finetune: not a PVT backbone state dict with depths {depths}: "
-            f"unknown keys {unknown[:20]}{' ...' if len(unknown) > 20 else ''}, "
-            f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}. "
-            "Pass only the backbone's keys (no head.*, no decoder, no module prefix)."
-        )
-    out: dict[str, torch.Tensor] = {}
-    for k in expected:
-        t = state_dict[k]
+    def check(k: str, t: torch.Tensor) -> str | None:
         if k.endswith("attn.sr.weight") and (t.ndim != 4 or t.shape[-2:] != (1, 1)):
-            raise CheckpointError(
-                f"convert_um_pretrain_to_finetune: {k} has shape {tuple(t.shape)}; expected a 1x1 conv "
-                "(avg-pool + 1x1 spatial reduction). Strided-conv SR (original PVT) cannot be converted."
-            )
-        out[k] = t
-    return out
+            return ("expected a 1x1 conv (avg-pool + 1x1 spatial reduction). Strided-conv SR (original PVT) "
+                    "cannot be converted.")
+        return None
+
+    return convert_exact(state_dict, depths, "PVT", backbone_keys, check)
 
 
 # ------------------------------------------------------------------------------------ registry
-def _cfg(**kwargs) -> dict:
-    # num_classes=0 + classifier='head': a backbone-only file loads strictly when num_classes is left
-    # at the default (no head), and with num_classes=N timm drops head.* and loads non-strictly.
-    return {
-        "url": "",
-        "num_classes": 0,
-        "input_size": (3, 256, 256),
-        "pool_size": (8, 8),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        **kwargs,
-    }
+_cfg = pyramid_cfg
 
 
 default_cfgs = generate_default_cfgs(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -30,7 +29,8 @@ from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from sslkit.errors import CheckpointError, ConfigError
+from sslkit.errors import ConfigError
+from sslkit.models._common import convert_exact, pyramid_cfg
 from sslkit.models.pos_embed import grid_coords
 
 __all__ = [
@@ -512,15 +512,6 @@ def backbone_keys(depths: Sequence[int]) -> list[str]:
     return keys + ["norm.weight", "norm.bias"]
 
 
-def _infer_depths(keys: Sequence[str]) -> list[int]:
-    blocks: dict[int, set[int]] = {}
-    for k in keys:
-        mt = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k)
-        if mt:
-            blocks.setdefault(int(mt[1]), set()).add(int(mt[2]))
-    return [max(blocks.get(i, {-1})) + 1 for i in range(max(blocks, default=-1) + 1)]
-
-
 def convert_um_pretrain_to_finetune(
     state_dict: Mapping[str, torch.Tensor], depths: Sequence[int] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -538,47 +529,16 @@ def convert_um_pretrain_to_finetune(
             table-based ``relative_position_*`` tensors of the original Swin), missing keys, or a bias
             MLP of the wrong input size.
     """
-    depths = list(depths) if depths is not None else _infer_depths(list(state_dict))
-    expected = backbone_keys(depths)
-    unknown = sorted(set(state_dict) - set(expected))
-    missing = [k for k in expected if k not in state_dict]
-    if unknown or missing:
-        raise CheckpointError(
-            f"convert_um_pretrain_to_finetune: not a Swin (UM-MAE) backbone state dict with depths {depths}: "
-            f"unknown keys {unknown[:20]}{' ...' if len(unknown) > 20 else ''}, "
-            f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}. "
-            "Pass only the backbone's keys (no head.*, no decoder, no module prefix)."
-        )
-    out: dict[str, torch.Tensor] = {}
-    for k in expected:
-        t = state_dict[k]
+    def check(k: str, t: torch.Tensor) -> str | None:
         if k.endswith("attn.pos_mlp.fc1.weight") and (t.ndim != 2 or t.shape[1] != 2):
-            raise CheckpointError(
-                f"convert_um_pretrain_to_finetune: {k} has shape {tuple(t.shape)}; expected (hidden, 2) "
-                "(continuous relative position bias MLP on 2-D offsets)."
-            )
-        out[k] = t
-    return out
+            return "expected (hidden, 2) (continuous relative position bias MLP on 2-D offsets)."
+        return None
+
+    return convert_exact(state_dict, depths, "Swin (UM-MAE)", backbone_keys, check)
 
 
 # ------------------------------------------------------------------------------------ registry
-def _cfg(**kwargs) -> dict:
-    # num_classes=0 + classifier='head': a backbone-only file loads strictly when num_classes is left
-    # at the default (no head), and with num_classes=N timm drops head.* and loads non-strictly.
-    return {
-        "url": "",
-        "num_classes": 0,
-        "input_size": (3, 256, 256),
-        "pool_size": (8, 8),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        **kwargs,
-    }
+_cfg = pyramid_cfg
 
 
 default_cfgs = generate_default_cfgs(
