@@ -31,8 +31,18 @@ def test_every_group_option_composes(group):
         overrides = [f"{group}={p.stem}"]
         if group == "data" and p.stem != "synthetic":
             overrides.append("data.path=/nonexistent")
-        cfg = compose(overrides)
+        if p.stem == "classify":  # the fine-tuning method lives in the finetune primary config
+            cfg = compose(overrides + ["method.num_classes=8"], config_name="finetune")
+        else:
+            cfg = compose(overrides)
         OmegaConf.resolve(cfg)
+
+
+def test_finetune_config_composes_and_checks_types():
+    cfg = compose(["method.num_classes=10", "method.checkpoint=/x.pt"], config_name="finetune")
+    assert cfg.method.name == "classify" and cfg.optim.layer_decay == 0.85 and cfg.data.split == "train"
+    with pytest.raises(ConfigCompositionException):
+        compose(["method.num_classes=ten"], config_name="finetune")
 
 
 def test_default_is_the_umae_demo():

@@ -123,8 +123,55 @@ def pretrain_main() -> None:
     hydra.main(version_base=None, config_path=config_dir(), config_name=CONFIG_NAME)(_hydra_pretrain)()
 
 
+# ----------------------------------------------------------------------------------------- finetune
+def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Train with method=classify, then report top-1 / top-5 on data.split=val."""
+    from sslkit.data import build_eval_loader, build_source
+    from sslkit.engine import train
+
+    result = train(cfg, run_dir)
+    val_cfg = copy.deepcopy(cfg.data)
+    with open_dict(val_cfg):
+        val_cfg.split = "val"
+    loader = build_eval_loader(build_source(val_cfg), val_cfg, int(cfg.method.view.size))
+    model = result.method.eval()
+    device = next(model.parameters()).device
+    top1 = top5 = n = 0
+    with torch.no_grad():
+        for batch in loader:
+            logits = model.predict(batch["images"].to(device)).cpu()
+            k = min(5, logits.shape[1])
+            pred = logits.topk(k, dim=1).indices
+            y = batch["labels"]
+            top1 += int((pred[:, 0] == y).sum())
+            top5 += int((pred == y[:, None]).any(1).sum())
+            n += len(y)
+    res = {"top1": 100.0 * top1 / max(1, n), "top5": 100.0 * top5 / max(1, n), "val_images": n, "step": result.step}
+    print(f"[sslkit] fine-tuned {result.method.model_config['name']}: val top-1 {res['top1']:.2f}%  "
+          f"top-5 {res['top5']:.2f}% on {n} images")
+    (Path(run_dir) / "finetune.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _hydra_finetune(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        run_finetune(cfg, cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
+    except SSLKitError as e:
+        print(f"\n[sslkit] error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def finetune_main() -> None:
+    import hydra
+
+    register_configs()
+    hydra.main(version_base=None, config_path=config_dir(), config_name="finetune")(_hydra_finetune)()
+
+
 # ----------------------------------------------------------------------------------------- export
-def load_backbone(checkpoint: str | Path, for_finetune: bool = True) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+def load_backbone(checkpoint: str | Path, for_finetune: bool = True, **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """Rebuild the pretrained encoder from an sslkit checkpoint. With ``for_finetune`` the pretraining
     adaptations (e.g. UM's halved spatial reduction / window 8) are converted to the fine-tuning shapes."""
     import timm
@@ -142,6 +189,7 @@ def load_backbone(checkpoint: str | Path, for_finetune: bool = True) -> tuple[to
     if for_finetune and kwargs.get("um_pretrain"):
         sd = models.convert_um_pretrain_to_finetune(mc["name"], sd)
         kwargs["um_pretrain"] = False
+    kwargs.update(overrides)
     model = timm.create_model(mc["name"], **kwargs)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:

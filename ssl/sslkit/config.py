@@ -86,6 +86,16 @@ class SimMIMConfig(MethodConfig):
     mask_ratio: float = 0.75
 
 
+@dataclass
+class ClassifyConfig(MethodConfig):
+    """Supervised fine-tuning / training of a classifier (the same loop and checkpoint format)."""
+
+    name: str = "classify"
+    checkpoint: Optional[str] = None  # an sslkit pretraining checkpoint; None = from scratch
+    num_classes: int = MISSING
+    label_smoothing: float = 0.1
+
+
 # ----------------------------------------------------------------------------------------- optim
 @dataclass
 class OptimConfig:
@@ -155,6 +165,7 @@ def register_configs() -> None:
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(group="method", name="umae_schema", node=UMMAEConfig)
     cs.store(group="method", name="simmim_schema", node=SimMIMConfig)
+    cs.store(group="method", name="classify_schema", node=ClassifyConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)

@@ -6,10 +6,11 @@ from typing import Any
 
 from sslkit.errors import ConfigError
 from sslkit.methods.base import Method, create_backbone
+from sslkit.methods.classify import Classifier
 from sslkit.methods.simmim import SimMIM
 from sslkit.methods.umae import UMMAE
 
-METHODS: dict[str, type[Method]] = {"umae": UMMAE, "simmim": SimMIM}
+METHODS: dict[str, type[Method]] = {"umae": UMMAE, "simmim": SimMIM, "classify": Classifier}
 
 
 def build_method(cfg: Any) -> Method:
