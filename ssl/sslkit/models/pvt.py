@@ -374,6 +374,7 @@ def convert_um_pretrain_to_finetune(
         CheckpointError: unknown keys (e.g. ``head.*``, decoder or prefixed keys — strip them first),
             missing keys, or a spatial-reduction conv that is not 1x1.
     """
+
     def check(k: str, t: torch.Tensor) -> str | None:
         if k.endswith("attn.sr.weight") and (t.ndim != 4 or t.shape[-2:] != (1, 1)):
             return ("expected a 1x1 conv (avg-pool + 1x1 spatial reduction). Strided-conv SR (original PVT) "
@@ -384,13 +385,10 @@ def convert_um_pretrain_to_finetune(
 
 
 # ------------------------------------------------------------------------------------ registry
-_cfg = pyramid_cfg
-
-
 default_cfgs = generate_default_cfgs(
     {
-        "sslkit_pvt_small": _cfg(),
-        "sslkit_pvt_test": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
+        "sslkit_pvt_small": pyramid_cfg(),
+        "sslkit_pvt_test": pyramid_cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
     }
 )
 

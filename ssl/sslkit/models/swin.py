@@ -529,6 +529,7 @@ def convert_um_pretrain_to_finetune(
             table-based ``relative_position_*`` tensors of the original Swin), missing keys, or a bias
             MLP of the wrong input size.
     """
+
     def check(k: str, t: torch.Tensor) -> str | None:
         if k.endswith("attn.pos_mlp.fc1.weight") and (t.ndim != 2 or t.shape[1] != 2):
             return "expected (hidden, 2) (continuous relative position bias MLP on 2-D offsets)."
@@ -538,13 +539,10 @@ def convert_um_pretrain_to_finetune(
 
 
 # ------------------------------------------------------------------------------------ registry
-_cfg = pyramid_cfg
-
-
 default_cfgs = generate_default_cfgs(
     {
-        "sslkit_swin_tiny": _cfg(),
-        "sslkit_swin_test": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
+        "sslkit_swin_tiny": pyramid_cfg(),
+        "sslkit_swin_test": pyramid_cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
     }
 )
 
