@@ -1,10 +1,15 @@
-"""Regularisation layers."""
+"""Regularisation layers: DropBlock (paper-correct, fast) and efficient stochastic depth."""
 
 from sslkit.layers.dropblock import DropBlock2d, drop_block_2d, dropblock_drop_prob, dropblock_gamma
+from sslkit.layers.stochastic_depth import SDBlock, drop_add_residual, drop_add_residual_grouped, keep_count
 
 __all__ = [
     "DropBlock2d",
     "drop_block_2d",
     "dropblock_drop_prob",
     "dropblock_gamma",
+    "SDBlock",
+    "drop_add_residual",
+    "drop_add_residual_grouped",
+    "keep_count",
 ]
