@@ -69,6 +69,18 @@ def time_steps(step: Callable[[], None], warmup: int, iters: int) -> list[float]
     return out
 
 
+def interleaved_medians(steps: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, float]:
+    """Median seconds per call of every step fn, called round-robin so load drift hits all alike."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    for _ in range(iters):
+        for v, fn in steps.items():
+            times[v] += time_steps(fn, 0, 1)
+    return {v: median(t) for v, t in times.items()}
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sslkit.bench import median, print_table, register, row, run_isolated, time_steps
+from sslkit.bench import interleaved_medians, print_table, register, row, run_isolated
 
 SHAPES = {"256x56x56": (256, 56, 56), "1024x14x14": (1024, 14, 14)}
 VARIANTS = ["paper", "fast", "timm_per_channel", "timm_shared", "dropout2d", "identity"]
@@ -60,14 +60,7 @@ def measure(shape: tuple[int, int, int, int], variants: list[str], threads: int,
         return step
 
     steps = {v: make(_layer(v)) for v in variants}
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(iters):
-        for v, fn in steps.items():
-            times[v] += time_steps(fn, 0, 1)
-    return {v: 1e3 * median(t) for v, t in times.items()}
+    return {v: 1e3 * t for v, t in interleaved_medians(steps, warmup, iters).items()}
 
 
 @register("dropblock")

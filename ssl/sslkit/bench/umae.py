@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sslkit.bench import (median, peak_rss_mb, print_table, register, reset_peak_rss, row, rss_mb, run_isolated,
+from sslkit.bench import (interleaved_medians, peak_rss_mb, print_table, register, reset_peak_rss, row, rss_mb, run_isolated,
                           time_steps)
 
 MODELS = {"pvt_small": "pvt_small", "swin_tiny": "swin_tiny"}
@@ -124,14 +124,7 @@ def measure_speed(model: str, variants: list[str], batch: int, threads: int, war
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     steps = {v: _build(model, v, batch, official)[2] for v in variants}
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(iters):
-        for v, fn in steps.items():
-            times[v] += time_steps(fn, 0, 1)
-    return {v: batch / median(t) for v, t in times.items()}
+    return {v: batch / t for v, t in interleaved_medians(steps, warmup, iters).items()}
 
 
 @register("umae")
