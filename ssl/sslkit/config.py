@@ -23,11 +23,39 @@ from sslkit.errors import ConfigError
 class ViewConfig:
     """One augmented view (MAE-style methods use exactly one)."""
 
+    kind: str = "mae"  # the view family (data/views.py VIEWS)
     size: int = 256
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     interpolation: str = "bicubic"
     hflip: float = 0.5
+
+
+@dataclass
+class MultiCropViewConfig:
+    """DINO-style multi-crop: ``n_global`` crops of ``size`` px and ``n_local`` crops of ``local_size`` px.
+
+    Photometric recipe of DINOv2: colour jitter (brightness, contrast, saturation, hue) with probability
+    ``color_jitter_prob``, grayscale, Gaussian blur with probability ``blur_prob`` = (first global crop,
+    other global crops, local crops), solarization of the second global crop.
+    """
+
+    kind: str = "multicrop"
+    size: int = 224  # global crop size (px); a multiple of the patch size
+    local_size: int = 96  # local crop size (px); a multiple of the patch size (98 at patch 14)
+    n_global: int = 2
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    interpolation: str = "bicubic"
+    hflip: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, other globals, locals
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.2  # second global crop only
 
 
 @dataclass
@@ -96,12 +124,50 @@ class ClassifyConfig(MethodConfig):
     label_smoothing: float = 0.1
 
 
+@dataclass
+class DINOv2Config:
+    """DINOv2-style student / EMA-teacher pretraining (DINO + iBOT + KoLeo), see methods/dinov2.py."""
+
+    name: str = "dinov2"
+    view: MultiCropViewConfig = field(default_factory=MultiCropViewConfig)
+    # heads
+    prototypes: int = 65536  # K of the DINO head (and of the iBOT head when shared)
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    ibot_separate_head: bool = False
+    ibot_prototypes: int = 65536  # used when ibot_separate_head
+    # losses
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30.0
+    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp | softmax (EMA center)
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    # iBOT masks (global crops, made in the data workers)
+    mask_probability: float = 0.5  # share of global crops that get a mask
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # stratified over the masked crops
+    mask_min_patches: int = 4
+    # teacher
+    ema_momentum: float = 0.992  # cosine to ema_momentum_end over the run
+    ema_momentum_end: float = 1.0
+    freeze_last_layer_epochs: float = 1.0
+    recipe_batch: int = 1024  # warn when the global batch is far below this
+
+
 # ----------------------------------------------------------------------------------------- optim
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    blr: float = 1.5e-4  # base lr; effective lr = blr * global batch / 256
+    blr: float = 1.5e-4  # base lr; effective lr = blr * scale(global batch / lr_ref_batch)
+    lr_scaling: str = "linear"  # linear | sqrt  (DINOv2: sqrt with lr_ref_batch 1024)
+    lr_ref_batch: int = 256
     lr: Optional[float] = None  # absolute lr; overrides blr scaling when set
+    lr_mult: dict[str, float] = field(default_factory=dict)  # extra lr factor for params whose name contains the key
     min_lr: float = 0.0
     weight_decay: float = 0.05
     weight_decay_end: Optional[float] = None  # cosine wd schedule end (None: constant)
@@ -166,6 +232,7 @@ def register_configs() -> None:
     cs.store(group="method", name="umae_schema", node=UMMAEConfig)
     cs.store(group="method", name="simmim_schema", node=SimMIMConfig)
     cs.store(group="method", name="classify_schema", node=ClassifyConfig)
+    cs.store(group="method", name="dinov2_schema", node=DINOv2Config)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
@@ -205,7 +272,12 @@ def derive(cfg: DictConfig, dataset_size: int, world_size: int = 1) -> Derived:
         total = int(math.ceil(float(cfg.trainer.epochs) * steps_per_epoch))
     if total <= 0:
         raise ConfigError(f"training would run {total} steps: set trainer.max_steps or trainer.epochs > 0")
-    lr = float(cfg.optim.lr) if cfg.optim.lr is not None else float(cfg.optim.blr) * global_batch / 256.0
+    scaling = str(cfg.optim.lr_scaling)
+    if scaling not in ("linear", "sqrt"):
+        raise ConfigError(f"optim.lr_scaling={scaling!r}: use linear (MAE: blr x batch/256) or sqrt (DINOv2)")
+    ratio = global_batch / float(cfg.optim.lr_ref_batch)
+    lr = float(cfg.optim.lr) if cfg.optim.lr is not None else float(cfg.optim.blr) * (
+        ratio if scaling == "linear" else math.sqrt(ratio))
     if cfg.optim.warmup_steps is not None:
         warm = int(cfg.optim.warmup_steps)
     else:

@@ -41,29 +41,42 @@ def _layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     return full, num_layers
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 lr_mult: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Groups by (layer, decay?, lr multiplier). ``lr_mult`` maps a name substring (e.g. ``patch_embed``)
+    to an extra lr factor; a parameter matching several keys gets their product."""
     no_wd = _no_weight_decay_names(model)
     ids, num_layers = _layer_ids(model) if layer_decay < 1.0 else ({}, 1)
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    lr_mult = {str(k): float(v) for k, v in (lr_mult or {}).items()}
+    unused = set(lr_mult)
+    groups: dict[tuple[int, bool, float], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = not (p.ndim <= 1 or name in no_wd or name.endswith(_NO_WD_SUFFIXES))
         layer = ids.get(name, num_layers - 1)
-        key = (layer, decay)
+        mult = 1.0
+        for k, v in lr_mult.items():
+            if k in name:
+                mult *= v
+                unused.discard(k)
+        key = (layer, decay, mult)
         if key not in groups:
-            scale = layer_decay ** (num_layers - 1 - layer)
+            scale = layer_decay ** (num_layers - 1 - layer) * mult
             groups[key] = {"params": [], "names": [], "lr_scale": scale, "wd_scale": 1.0 if decay else 0.0,
                            "weight_decay": weight_decay if decay else 0.0}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
+    if unused:
+        raise ConfigError(f"optim.lr_mult keys {sorted(unused)} match no trainable parameter name; "
+                          f"e.g. {[n for n, _ in model.named_parameters()][:4]}")
     return [groups[k] for k in sorted(groups)]
 
 
 def build_optimizer(model: nn.Module, cfg: Any, lr: float) -> torch.optim.Optimizer:
     if cfg.name != "adamw":
         raise ConfigError(f"optim.name={cfg.name!r} is not supported; use optim=adamw")
-    groups = param_groups(model, float(cfg.weight_decay), float(cfg.layer_decay))
+    groups = param_groups(model, float(cfg.weight_decay), float(cfg.layer_decay), dict(cfg.get("lr_mult") or {}))
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     kwargs: dict[str, Any] = {"betas": tuple(cfg.betas), "eps": float(cfg.eps)}
