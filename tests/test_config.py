@@ -14,14 +14,15 @@ EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*
 
 
 def test_expected_experiments_exist():
-    assert {"umae_demo", "umae_pvt_small", "umae_swin_tiny", "simmim_pvt_small", "simmim_swin_tiny"} <= set(EXPERIMENTS)
+    assert {"umae_demo", "umae_pvt_small", "umae_swin_tiny", "simmim_pvt_small", "simmim_swin_tiny",
+            "dinov2_demo", "dinov2_vits16"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_resolves(experiment):
     cfg = compose([f"experiment={experiment}"])
     OmegaConf.resolve(cfg)
-    assert cfg.method.name in ("umae", "simmim")
+    assert cfg.method.name in ("umae", "simmim", "dinov2")
     assert cfg.model.img_size == cfg.method.view.size
 
 
@@ -31,11 +32,25 @@ def test_every_group_option_composes(group):
         overrides = [f"{group}={p.stem}"]
         if group == "data" and p.stem != "synthetic":
             overrides.append("data.path=/nonexistent")
+        if p.stem.startswith("dinov2"):  # the default experiment (umae_demo) sets UM-MAE keys
+            overrides.append("experiment=dinov2_demo")
         if p.stem == "classify":  # the fine-tuning method lives in the finetune primary config
             cfg = compose(overrides + ["method.num_classes=8"], config_name="finetune")
         else:
             cfg = compose(overrides)
         OmegaConf.resolve(cfg)
+
+
+def test_dinov2_recipe_values():
+    cfg = compose(["experiment=dinov2_vits16"])
+    v = cfg.method.view
+    assert (v.size, v.local_size, v.n_global, v.n_local) == (224, 96, 2, 8)
+    assert cfg.method.prototypes == 65536 and cfg.method.koleo_loss_weight == 0.1
+    assert cfg.optim.lr_scaling == "sqrt" and cfg.optim.lr_mult == {"patch_embed": 0.2}
+    d = derive(cfg, dataset_size=1_281_167, world_size=8)  # ImageNet-1k on 8 GPUs x 128 = 1024
+    assert d.global_batch == 1024 and d.lr == pytest.approx(0.004)
+    d4 = derive(cfg, dataset_size=1_281_167, world_size=2)  # 256: lr 0.004 * sqrt(1/4)
+    assert d4.lr == pytest.approx(0.002) and d4.micro_batch == 128
 
 
 def test_finetune_config_composes_and_checks_types():

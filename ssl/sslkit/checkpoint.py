@@ -1,7 +1,8 @@
 """The one checkpoint format: a versioned plain dict, loadable with ``torch.load(weights_only=True)``.
 
 Keys: ``format_version``, ``sslkit_version``, ``method``, ``model_config`` (timm name + kwargs that
-rebuild the backbone), ``model`` (unwrapped state dict of the method module), ``optimizer``,
+rebuild the backbone), ``backbone_prefix`` (where that backbone's weights are in ``model``; absent in
+older files = ``"backbone."``), ``model`` (unwrapped state dict of the method module), ``optimizer``,
 ``scaler``, ``step``, ``data_state``, ``rng``, ``config`` (resolved, plain), ``derived``,
 ``wandb_id``, ``metrics``. Written to a temp file in the same directory, fsync'ed, then renamed, so a
 crash never leaves a half-written ``last.pt``.

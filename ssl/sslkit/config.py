@@ -244,6 +244,7 @@ def register_configs() -> None:
 @dataclass
 class Derived:
     world_size: int
+    micro_batch: int  # images per device per forward (data.batch_size)
     global_batch: int  # batch_size * accum_steps * world_size
     lr: float  # effective peak lr
     steps_per_epoch: int  # optimizer steps per epoch
@@ -283,7 +284,7 @@ def derive(cfg: DictConfig, dataset_size: int, world_size: int = 1) -> Derived:
     else:
         warm = int(round(float(cfg.optim.warmup_epochs) * steps_per_epoch))
     warm = min(warm, total)
-    return Derived(world_size, global_batch, lr, steps_per_epoch, total, warm, dataset_size)
+    return Derived(world_size, b, global_batch, lr, steps_per_epoch, total, warm, dataset_size)
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

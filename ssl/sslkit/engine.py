@@ -114,6 +114,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         step, batches, wandb_id = int(state["step"]), int(state["data_state"]["batches_consumed"]), state["wandb_id"]
         print(f"[sslkit] resumed from step {step} in {run_dir}")
 
+    method.begin(step, d)
     plain = to_plain(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml({**plain, "derived": asdict(d)}))
@@ -129,6 +130,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     def save(path: Path, metrics: dict[str, float]) -> None:
         ckpt_io.save_training_state(
             path, sslkit_version=sslkit.__version__, method=method.name, model_config=method.model_config,
+            backbone_prefix=method.backbone_prefix,
             model=ckpt_io.unwrap(method).state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
             step=step, data_state=loader.state_dict(), rng=ckpt_io.rng_state(), config=plain, derived=asdict(d),
             wandb_id=log.wandb_id, metrics=metrics)
@@ -151,7 +153,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 scaler.scale(out["loss"] / tc.accum_steps).backward()
                 for k, v in out.items():
                     terms[k] = terms.get(k, 0.0) + float(v.detach()) / tc.accum_steps
-                imgs += batch["images"].shape[0]
+                imgs += batch["index"].shape[0]  # source images (a multi-crop batch has several views each)
             if cfg.optim.clip_grad:
                 scaler.unscale_(opt)
                 terms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad))

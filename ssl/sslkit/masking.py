@@ -11,7 +11,9 @@ batch dict.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -127,3 +129,148 @@ def blocks_to_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     r = 2 * bi + x // 2  # (B, n)
     c = 2 * bj + x % 2
     return r * gw + c
+
+
+class _Uniforms:
+    """Uniform [0, 1) floats from a ``torch.Generator``, drawn in chunks (one torch call per 256)."""
+
+    def __init__(self, generator: torch.Generator, chunk: int = 256) -> None:
+        self.generator, self.chunk = generator, chunk
+        self._buf: list[float] = []
+        self._pos = 0
+
+    def __call__(self) -> float:
+        if self._pos == len(self._buf):
+            self._buf = torch.rand(self.chunk, generator=self.generator, dtype=torch.float64).tolist()
+            self._pos = 0
+        self._pos += 1
+        return self._buf[self._pos - 1]
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self()
+
+    def randint(self, lo: int, hi: int) -> int:
+        """Uniform integer in [lo, hi] (both inclusive)."""
+        return min(hi, lo + int(self() * (hi - lo + 1)))
+
+
+@dataclass
+class BlockMasking:
+    """iBOT / BEiT block masks for the ``n_global`` global crops (DINOv2's masking collate).
+
+    Per batch of B images there are ``n_rows = n_global * B`` global crops (rows view-major like the
+    loader's ``global_crops``: row ``v * B + b`` = crop v of sample b). ``n_masked =
+    int(n_rows * mask_probability)`` of them get a block mask, the others none; which rows is a random
+    permutation. The masked rows' targets are stratified: with edges ``linspace(ratio[0], ratio[1],
+    n_masked + 1)``, the i-th masked row targets ``int(N * uniform(edges[i], edges[i+1]))`` of the
+    ``N = gh * gw`` patches.
+
+    A mask is built BEiT-style: rectangles are placed one after another, each with an area uniform in
+    [``min_patches``, min(``max_patches``, patches still missing)] and an aspect ratio log-uniform in
+    ``aspect`` (up to 10 attempts per rectangle; an attempt is rejected when the rectangle does not
+    fit the grid, covers nothing new or would overshoot the target). Only newly covered patches
+    count, and building stops when the target is reached or a rectangle fails all 10 attempts. So the
+    masked count never exceeds the target but may end slightly below it (typically when the few
+    patches still missing cannot be covered by a rectangle that fits around the existing mask).
+    Unlike BEiT, a rectangle may span the whole grid height or width.
+
+    All randomness comes from the ``torch.Generator`` passed to ``__call__``.
+
+    Returns ``{"masked": (n_global * B, gh * gw) bool}``, True where the patch is hidden (replaced by
+    the mask token in the student).
+    """
+
+    grid: tuple[int, int]
+    n_global: int = 2
+    mask_probability: float = 0.5
+    ratio: tuple[float, float] = (0.1, 0.5)
+    min_patches: int = 4
+    max_patches: Optional[int] = None  # largest rectangle, in patches; None = half the grid
+    aspect: tuple[float, float] = (0.3, 1.0 / 0.3)
+    attempts: int = 10  # tries per rectangle
+
+    def __post_init__(self) -> None:
+        self.grid = _check_grid(self.grid, even=False)
+        N = self.grid[0] * self.grid[1]
+        if int(self.n_global) < 1:
+            raise ConfigError(f"method.view.n_global must be >= 1 for block masking, got {self.n_global}")
+        self.n_global = int(self.n_global)
+        if not 0.0 <= float(self.mask_probability) <= 1.0:
+            raise ConfigError(f"method.mask_probability must be in [0, 1], got {self.mask_probability}")
+        self.mask_probability = float(self.mask_probability)
+        r0, r1 = (float(r) for r in self.ratio)
+        if not 0.0 <= r0 <= r1 <= 1.0:
+            raise ConfigError(f"method.mask_ratio must be (min, max) with 0 <= min <= max <= 1, got {tuple(self.ratio)}")
+        self.ratio = (r0, r1)
+        if self.max_patches is None:
+            self.max_patches = max(1, N // 2)
+        self.min_patches, self.max_patches = int(self.min_patches), int(self.max_patches)
+        if not 1 <= self.min_patches <= self.max_patches:
+            raise ConfigError(
+                f"method.mask_min_patches must be in [1, max_patches={self.max_patches}] (the largest rectangle, "
+                f"default half of the {self.grid[0]}x{self.grid[1]} grid), got {self.min_patches}"
+            )
+        a0, a1 = (float(a) for a in self.aspect)
+        if not 0.0 < a0 <= a1:
+            raise ConfigError(f"block mask aspect must be (min, max) with 0 < min <= max, got {tuple(self.aspect)}")
+        self.aspect = (a0, a1)
+        self._log_aspect = (math.log(a0), math.log(a1))
+        if int(self.attempts) < 1:
+            raise ConfigError(f"block mask attempts must be >= 1, got {self.attempts}")
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def num_masked_rows(self, batch_size: int) -> int:
+        """How many of the ``n_global * batch_size`` rows get a mask."""
+        return int(self.n_global * batch_size * self.mask_probability)
+
+    def targets(self, n_masked: int, rng: _Uniforms) -> list[int]:
+        """Stratified target patch counts of the ``n_masked`` masked rows (ascending strata)."""
+        N, (r0, r1) = self.num_patches, self.ratio
+        edges = [r0 + (r1 - r0) * i / n_masked for i in range(n_masked + 1)] if n_masked else []
+        return [int(N * rng.uniform(edges[i], edges[i + 1])) for i in range(n_masked)]
+
+    def block_mask(self, target: int, generator: torch.Generator) -> torch.Tensor:
+        """One (gh, gw) bool mask with at most ``target`` (and usually exactly ``target``) patches."""
+        return self._block_mask(target, _Uniforms(generator))[0]
+
+    def _block_mask(self, target: int, rng: _Uniforms) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+        """(mask (gh, gw) bool, the placed rectangles as (top, left, h, w)): the BEiT procedure."""
+        gh, gw = self.grid
+        mask = torch.zeros(gh, gw, dtype=torch.bool)
+        rects: list[tuple[int, int, int, int]] = []
+        count = 0
+        while count < target:
+            room = min(target - count, self.max_patches)  # most new patches this rectangle may add
+            delta = 0
+            for _ in range(self.attempts):
+                area = rng.uniform(self.min_patches, room)  # (room < min_patches: area in [room, min])
+                aspect = math.exp(rng.uniform(*self._log_aspect))
+                h = int(round(math.sqrt(area * aspect)))
+                w = int(round(math.sqrt(area / aspect)))
+                if not (1 <= h <= gh and 1 <= w <= gw):
+                    continue
+                top, left = rng.randint(0, gh - h), rng.randint(0, gw - w)
+                block = mask[top : top + h, left : left + w]  # (h, w) view
+                new = h * w - int(block.sum())
+                if 0 < new <= room:
+                    block.fill_(True)
+                    rects.append((top, left, h, w))
+                    delta = new
+                    break
+            if delta == 0:
+                break  # no progress: end slightly below the target
+            count += delta
+        return mask, rects
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        n_rows = self.n_global * batch_size
+        n_masked = self.num_masked_rows(batch_size)
+        rng = _Uniforms(generator)
+        masked = torch.zeros(n_rows, self.num_patches, dtype=torch.bool)  # (n_global*B, N)
+        rows = torch.randperm(n_rows, generator=generator)[:n_masked].tolist()  # which rows get a mask
+        for row, target in zip(rows, self.targets(n_masked, rng)):
+            masked[row] = self._block_mask(target, rng)[0].view(-1)  # (N,)
+        return {"masked": masked}

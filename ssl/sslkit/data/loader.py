@@ -5,6 +5,15 @@ Pretraining order. Global batch counter ``g = 0, 1, 2, ...`` runs across epochs;
 (seed, e), the same on every rank; rank r takes every ``world_size``-th entry of it (so ranks see
 disjoint samples) and its batches are consecutive ``batch_size`` chunks of that (drop_last).
 
+Batches. The view (``views.build_view``, chosen by ``view.kind``) maps each image to one tensor or
+to a dict of stacked crops. Single-view (``mae``): ``{"images": (B, 3, S, S), "labels": (B,),
+"index": (B,), **masks}``. Multi-crop (``multicrop``): each crop key is stacked *view-major*, row
+``v * B + b`` = crop v of sample b: ``{"global_crops": (n_global*B, 3, S, S), "local_crops":
+(n_local*B, 3, s, s), "labels": (B,), "index": (B,), **masks}``; no ``images`` key, and a crop key
+with 0 crops (``n_local=0``) is left out. Masks come from ``mask_fn(B, generator)`` either way (a
+multi-crop mask function such as ``masking.BlockMasking`` returns its n_global*B rows itself, in
+the same view-major order).
+
 Reproducibility. The sampler yields one *batch key* ``(g, sample indices)`` per step; a worker turns
 the key into the whole batch: each sample's view is drawn with torch's CPU generator seeded from
 (seed, rank, g, position in batch), and the masks from a ``torch.Generator`` seeded from
@@ -26,19 +35,20 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sslkit.config import DataConfig, ViewConfig
+from sslkit.config import DataConfig, MultiCropViewConfig, ViewConfig
 from sslkit.data.sources import UnreadableImageError
-from sslkit.data.views import View, build_eval_view, build_mae_view
+from sslkit.data.views import View, ViewOutput, build_eval_view, build_view
 from sslkit.errors import ConfigError, DataError
 
 log = logging.getLogger("sslkit.data")
 
 MaskFn = Callable[[int, torch.Generator], dict[str, torch.Tensor]]
+AnyViewConfig = Union[ViewConfig, MultiCropViewConfig]
 
 # stream tags keep the seeds of different random uses apart
 _EPOCH, _VIEW, _MASK, _LOADER = 1, 2, 3, 4
@@ -149,19 +159,19 @@ class _PretrainBatches(Dataset):
     def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         g, indices = key
         B = len(indices)
-        images, labels, used = [], [], []
+        views, labels, used = [], [], []
         rng_state = torch.get_rng_state()  # views use the global CPU generator: restore it after
         try:
             for pos, i in enumerate(indices):
                 img, label, j = self.policy.read(self.source, i)
                 torch.default_generator.manual_seed(derive_seed(self.seed, _VIEW, self.rank, g, pos))
-                images.append(self.view(img))  # (3, S, S) float32
+                views.append(self.view(img))  # (3, S, S) float32, or {key: (n_k, 3, S_k, S_k)}
                 labels.append(label)
                 used.append(j)
         finally:
             torch.set_rng_state(rng_state)
         batch = {
-            "images": torch.stack(images),  # (B, 3, S, S)
+            **stack_views(views),  # images (B, 3, S, S) | global_crops (n_global*B, ...), local_crops ...
             "labels": torch.tensor(labels, dtype=torch.int64),  # (B,)
             "index": torch.tensor(used, dtype=torch.int64),  # (B,)
         }
@@ -176,6 +186,25 @@ class _PretrainBatches(Dataset):
         return len(self.source)
 
 
+def stack_views(views: list[ViewOutput]) -> dict[str, torch.Tensor]:
+    """Per-sample view outputs -> the batch's image tensors.
+
+    Tensors (3, S, S) -> ``{"images": (B, 3, S, S)}``. Dicts of (n_k, 3, S_k, S_k) crops -> one
+    view-major tensor per key, ``(n_k * B, 3, S_k, S_k)`` with row ``v * B + b`` = crop v of sample b;
+    keys with n_k = 0 are left out.
+    """
+    if isinstance(views[0], torch.Tensor):
+        return {"images": torch.stack(views)}  # (B, 3, S, S)
+    B = len(views)
+    out = {}
+    for k, first in views[0].items():
+        if first.shape[0] == 0:
+            continue
+        x = torch.stack([v[k] for v in views], dim=1)  # (n_k, B, 3, S_k, S_k)
+        out[k] = x.reshape(first.shape[0] * B, *first.shape[1:])  # (n_k*B, 3, S_k, S_k), view-major
+    return out
+
+
 def _identity(x: Any) -> Any:
     return x
 
@@ -188,7 +217,7 @@ class PretrainLoader:
     at a time: a new ``iter()`` continues after the last batch handed out.
     """
 
-    def __init__(self, source: Any, cfg: DataConfig, view: ViewConfig, mask_fn: Optional[MaskFn], *,
+    def __init__(self, source: Any, cfg: DataConfig, view: AnyViewConfig, mask_fn: Optional[MaskFn], *,
                  seed: int, start_batch: int, device: str, rank: int, world_size: int) -> None:
         n = len(source)
         B = int(cfg.batch_size)
@@ -211,7 +240,7 @@ class PretrainLoader:
                 f"world_size={world_size}). Fix: lower data.batch_size or use more data"
             )
         self.policy = ErrorPolicy(str(cfg.on_error), int(cfg.max_errors), n)
-        self._dataset = _PretrainBatches(source, build_mae_view(view, cfg.mean, cfg.std), mask_fn,
+        self._dataset = _PretrainBatches(source, build_view(view, cfg.mean, cfg.std), mask_fn,
                                          self.policy, self.seed, rank)
         self._consumed = int(start_batch)
         self._loader = DataLoader(
@@ -284,7 +313,8 @@ def _first_native_size(source: Any, policy: ErrorPolicy) -> tuple[int, int]:
 
 
 def check_size(source: Any, cfg: DataConfig, size: int, policy: ErrorPolicy) -> None:
-    """Fail (or warn once) when the first image is smaller than the view ``size``."""
+    """Fail (or warn once) when the first image is smaller than the view ``size`` (the global crop size
+    for multi-crop views; local crops are smaller)."""
     h, w = _first_native_size(source, policy)
     if min(h, w) >= size:
         return
@@ -298,13 +328,19 @@ def check_size(source: Any, cfg: DataConfig, size: int, policy: ErrorPolicy) -> 
                 h, w, size)
 
 
-def build_pretrain_loader(source: Any, cfg: DataConfig, view: ViewConfig, mask_fn: Optional[MaskFn] = None, *,
+def build_pretrain_loader(source: Any, cfg: DataConfig, view: AnyViewConfig, mask_fn: Optional[MaskFn] = None, *,
                           seed: int, start_batch: int = 0, device: str = "cpu", rank: int = 0,
                           world_size: int = 1) -> PretrainLoader:
     """The endless, resumable pretraining loader over ``source`` (see ``PretrainLoader``).
 
-    Batches: ``{"images": (B, 3, S, S) float32, "labels": (B,) int64, "index": (B,) int64,
-    **mask_fn(B, generator)}`` with ``B = data.batch_size`` and ``S = view.size``.
+    Batches, with ``B = data.batch_size`` and ``S = view.size``:
+
+    - single view (``view.kind="mae"``): ``{"images": (B, 3, S, S) float32, "labels": (B,) int64,
+      "index": (B,) int64, **mask_fn(B, generator)}``;
+    - multi-crop (``view.kind="multicrop"``): ``{"global_crops": (n_global*B, 3, S, S) float32,
+      "local_crops": (n_local*B, 3, s, s) float32, "labels": (B,) int64, "index": (B,) int64,
+      **mask_fn(B, generator)}`` with ``s = view.local_size``; crops are view-major (row ``v * B + b``
+      is crop v of sample b) and ``local_crops`` is absent when ``n_local = 0``.
     """
     loader = PretrainLoader(source, cfg, view, mask_fn, seed=seed, start_batch=start_batch, device=device,
                             rank=rank, world_size=world_size)

@@ -1,19 +1,21 @@
-"""Augmented views (torchvision.transforms.v2), one builder per view family.
+"""Augmented views (torchvision.transforms.v2), one builder per view family (``VIEWS``).
 
-Every view maps a PIL RGB image or a (3, H, W) uint8 tensor to a (3, S, S) float32 tensor normalized
-with the data mean/std. The transforms draw from torch's global CPU generator; the loaders seed it
-per sample from (seed, batch, position) so views are reproducible across workers and resume.
+Every view maps a PIL RGB image or a (3, H, W) uint8 tensor to float32 crops normalized with the
+data mean/std: either one (3, S, S) tensor (``mae``) or a dict of stacked crops (``multicrop``:
+``{"global_crops": (n_global, 3, S, S), "local_crops": (n_local, 3, s, s)}``). The transforms draw
+from torch's global CPU generator; the loaders seed it per sample from (seed, batch, position) so
+views are reproducible across workers and resume.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from sslkit.config import ViewConfig
+from sslkit.config import MultiCropViewConfig, ViewConfig
 from sslkit.errors import ConfigError
 
 # Modes that work on tensors (the pipeline converts to a tensor first, so PIL-only modes are out).
@@ -23,7 +25,9 @@ INTERPOLATIONS = {
     "bicubic": InterpolationMode.BICUBIC,
 }
 
-View = Callable[[object], torch.Tensor]
+# A view returns one (3, S, S) tensor, or a dict of stacked crops {name: (n, 3, S_name, S_name)}.
+ViewOutput = Union[torch.Tensor, dict[str, torch.Tensor]]
+View = Callable[[object], ViewOutput]
 
 
 def interpolation(name: str) -> InterpolationMode:
@@ -91,3 +95,157 @@ def build_eval_view(size: int, mean: Sequence[float], std: Sequence[float], inte
             _to_plain,
         ]
     )
+
+
+# ----------------------------------------------------------------------------------------- multi-crop
+def blur_kernel_size(size: int) -> int:
+    """Gaussian-blur kernel for a ``size``-px crop: odd, about 10% of the crop, at least 3."""
+    k = max(3, int(0.1 * int(size)))
+    return k if k % 2 else k + 1
+
+
+def _key(name: str) -> str:
+    return f"method.view.{name}"
+
+
+def _floats(name: str, value: Any, n: int) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{_key(name)} needs {n} numbers, got {value!r}") from None
+    if len(vals) != n:
+        raise ConfigError(f"{_key(name)} needs {n} numbers, got {len(vals)}: {value!r}")
+    return vals
+
+
+def _prob(name: str, value: Any) -> float:
+    p = float(value)
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"{_key(name)} is a probability: set it in [0, 1] (got {value})")
+    return p
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    v = int(value)
+    if v < minimum:
+        raise ConfigError(f"{_key(name)} must be >= {minimum}, got {value}")
+    return v
+
+
+def _scale(name: str, value: Any) -> tuple[float, float]:
+    lo, hi = _floats(name, value, 2)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(
+            f"{_key(name)} is a (min, max) share of the image area: set 0 < min <= max <= 1 (got {tuple(value)})"
+        )
+    return lo, hi
+
+
+def _crop_transform(size: int, scale: tuple[float, float], ratio: tuple[float, float], interp: InterpolationMode,
+                    hflip: float, jitter: tuple[float, ...], jitter_p: float, gray_p: float, blur_p: float,
+                    sigma: tuple[float, float], solarize_p: float, mean: list[float], std: list[float]) -> v2.Compose:
+    """One multi-crop branch on a (3, H, W) uint8 image -> (3, size, size) float32, normalized."""
+    steps: list[Callable] = [
+        v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=interp, antialias=True),
+        v2.RandomHorizontalFlip(hflip),
+        v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p),  # on uint8, like build_mae_view
+        v2.RandomGrayscale(gray_p),  # keeps 3 channels
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=sigma)], p=blur_p),
+    ]
+    if solarize_p > 0.0:
+        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))  # uint8: invert pixels >= 128
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), _to_plain]
+    return v2.Compose(steps)
+
+
+class MultiCropView:
+    """DINOv2 multi-crop view (see ``build_multicrop_view``); a picklable callable."""
+
+    def __init__(self, global_transforms: list[v2.Compose], local_transforms: list[v2.Compose],
+                 local_size: int) -> None:
+        self.global_transforms = global_transforms
+        self.local_transforms = local_transforms
+        self.local_size = local_size
+
+    def __call__(self, img: object) -> dict[str, torch.Tensor]:
+        x = v2.functional.to_image(img)  # (3, H, W) uint8 tv_tensors.Image (PIL or tensor input)
+        n_global = len(self.global_transforms)
+        # one seed per crop from the global generator, then each crop runs on its own stream: a crop's
+        # randomness does not depend on how many numbers the other crops drew (e.g. their blur / solarize)
+        seeds = torch.randint(0, 2**62, (n_global + len(self.local_transforms),)).tolist()
+        crops = []
+        for seed, t in zip(seeds, self.global_transforms + self.local_transforms):
+            torch.default_generator.manual_seed(seed)
+            crops.append(t(x))  # (3, S, S) or (3, s, s) float32
+        global_crops = torch.stack(crops[:n_global])  # (n_global, 3, S, S)
+        if self.local_transforms:
+            local_crops = torch.stack(crops[n_global:])  # (n_local, 3, s, s)
+        else:
+            local_crops = torch.empty(0, 3, self.local_size, self.local_size)
+        return {"global_crops": global_crops, "local_crops": local_crops}
+
+
+def build_multicrop_view(view: MultiCropViewConfig, mean: Sequence[float], std: Sequence[float]) -> MultiCropView:
+    """DINOv2 multi-crop view: ``n_global`` crops of ``size`` px and ``n_local`` crops of ``local_size`` px.
+
+    Every crop: RandomResizedCrop(scale = ``global_scale`` / ``local_scale``, ``ratio``) + horizontal
+    flip (``hflip``) + ColorJitter(``color_jitter``) with probability ``color_jitter_prob`` + grayscale
+    (``grayscale_prob``) + Gaussian blur (sigma uniform in ``blur_sigma``, odd kernel ~10% of the crop)
+    with probability ``blur_prob[0]`` (first global crop), ``blur_prob[1]`` (other global crops) or
+    ``blur_prob[2]`` (local crops); the second global crop is also solarized (threshold 128 of 255)
+    with probability ``solarize_prob``. Then scaled to [0, 1] and normalized with ``mean`` / ``std``.
+
+    Input: PIL RGB image or (3, H, W) uint8 tensor. Output: ``{"global_crops": (n_global, 3, size,
+    size), "local_crops": (n_local, 3, local_size, local_size)}`` float32 (``local_crops`` has 0 rows
+    when ``n_local == 0``). All randomness comes from torch's global CPU generator: the view draws
+    one seed per crop (global 0, 1, ..., then local 0, 1, ...) and reseeds the global generator with
+    it before that crop, so each crop depends only on the generator's state at the call and its
+    position, not on the other crops' settings. The global generator is left advanced (the loader
+    restores its state after each batch).
+    """
+    size = _positive_int("size", view.size)
+    local_size = _positive_int("local_size", view.local_size)
+    n_global = _positive_int("n_global", view.n_global)
+    n_local = _positive_int("n_local", view.n_local, minimum=0)
+    global_scale = _scale("global_scale", view.global_scale)
+    local_scale = _scale("local_scale", view.local_scale)
+    ratio = _floats("ratio", view.ratio, 2)
+    if not 0.0 < ratio[0] <= ratio[1]:
+        raise ConfigError(f"{_key('ratio')} is a (min, max) aspect ratio: set 0 < min <= max (got {ratio})")
+    hflip = _prob("hflip", view.hflip)
+    jitter = _floats("color_jitter", view.color_jitter, 4)
+    if min(jitter) < 0.0 or jitter[3] > 0.5:
+        raise ConfigError(
+            f"{_key('color_jitter')} is (brightness, contrast, saturation, hue): set all >= 0 and hue <= 0.5 "
+            f"(got {jitter})"
+        )
+    jitter_p = _prob("color_jitter_prob", view.color_jitter_prob)
+    gray_p = _prob("grayscale_prob", view.grayscale_prob)
+    blur = _floats("blur_prob", view.blur_prob, 3)
+    blur = tuple(_prob("blur_prob", p) for p in blur)
+    sigma = _floats("blur_sigma", view.blur_sigma, 2)
+    if not 0.0 < sigma[0] <= sigma[1]:
+        raise ConfigError(f"{_key('blur_sigma')} is a (min, max) blur sigma: set 0 < min <= max (got {sigma})")
+    solarize_p = _prob("solarize_prob", view.solarize_prob)
+    interp = interpolation(view.interpolation)
+    mean_l, std_l = _check_norm(mean, std)
+
+    def branch(crop_size: int, scale: tuple[float, float], blur_p: float, sol_p: float) -> v2.Compose:
+        return _crop_transform(crop_size, scale, ratio, interp, hflip, jitter, jitter_p, gray_p, blur_p,
+                               sigma, sol_p, mean_l, std_l)
+
+    globals_ = [branch(size, global_scale, blur[0] if i == 0 else blur[1], solarize_p if i == 1 else 0.0)
+                for i in range(n_global)]
+    locals_ = [branch(local_size, local_scale, blur[2], 0.0) for _ in range(n_local)]
+    return MultiCropView(globals_, locals_, local_size)
+
+
+VIEWS: dict[str, Callable[..., View]] = {"mae": build_mae_view, "multicrop": build_multicrop_view}
+
+
+def build_view(view_cfg: Union[ViewConfig, MultiCropViewConfig], mean: Sequence[float], std: Sequence[float]) -> View:
+    """The view of family ``view_cfg.kind`` (a key of ``VIEWS``)."""
+    kind = str(getattr(view_cfg, "kind", "mae"))
+    if kind not in VIEWS:
+        raise ConfigError(f"method.view.kind must be one of {sorted(VIEWS)}, got {kind!r}")
+    return VIEWS[kind](view_cfg, mean, std)

@@ -2,9 +2,14 @@
 
 - ``forward(batch) -> {"loss": scalar tensor, <named terms>: detached scalars}``; no ``.backward()``.
 - ``after_step(step, total_steps) -> dict`` is the one per-step hook for side effects (EMA, centering,
-  schedules of method hyper-parameters); it returns scalars to log.
+  schedules of method hyper-parameters); it returns scalars to log. ``step`` counts the optimizer
+  steps done, i.e. it is the index of the next step to run.
+- ``begin(step, derived)`` is called once per invocation before the first step (fresh or resumed),
+  with the step about to run and the run's derived lengths, for methods with epoch-based schedules.
 - ``masking()`` returns the mask generator that the data collate calls (in the workers), or None.
-- ``backbone`` is the encoder that export / evaluation / fine-tuning use.
+- ``backbone`` is the trained encoder (the optimizer groups it for layer-wise lr decay);
+  ``backbone_prefix`` names the state-dict prefix of the encoder that export / evaluation /
+  fine-tuning read (``"backbone."``; DINOv2: the teacher's, ``"teacher.backbone."``).
 - ``model_config`` is what it takes to rebuild ``backbone`` with ``timm.create_model``.
 """
 
@@ -42,9 +47,13 @@ def create_backbone(model_cfg: Any, **overrides: Any) -> tuple[nn.Module, dict[s
 class Method(nn.Module):
     name: str = "method"
     backbone: nn.Module
+    backbone_prefix: str = "backbone."
     model_config: dict[str, Any]
 
     def masking(self) -> Optional[Callable[[int, torch.Generator], dict[str, torch.Tensor]]]:
+        return None
+
+    def begin(self, step: int, derived: Any) -> None:
         return None
 
     def after_step(self, step: int, total_steps: int) -> dict[str, float]:
@@ -52,6 +61,18 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen-encoder features for evaluation: (B, 3, H, W) -> (B, C) (mean-pooled last stage)."""
-        f = self.backbone.forward_features(images)  # (B, h, w, C)
-        return f.mean(dim=(1, 2)) if f.ndim == 4 else f
+        """Frozen-encoder features for evaluation: (B, 3, H, W) -> (B, C) (the backbone's pooled
+        pre-logits: mean-pooled last stage for pyramids, CLS for ViTs)."""
+        return embed(self.backbone, images)
+
+    def heldout_batch(self, images: torch.Tensor, generator: torch.Generator) -> Optional[dict[str, torch.Tensor]]:
+        """A batch for measuring the training loss on held-out ``images`` (same masks for every model
+        given the same ``generator``), or None when the loss needs other views (the summary skips it)."""
+        masking = self.masking()
+        extra = masking(images.shape[0], generator) if masking is not None else {}
+        return {"images": images, **{k: v.to(images.device) for k, v in extra.items()}}
+
+
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pooled pre-logit features of a timm backbone: (B, 3, H, W) -> (B, C)."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
