@@ -7,10 +7,11 @@ from typing import Any
 from sslkit.errors import ConfigError
 from sslkit.methods.base import Method, create_backbone
 from sslkit.methods.classify import Classifier
+from sslkit.methods.dinov2 import DINOv2
 from sslkit.methods.simmim import SimMIM
 from sslkit.methods.umae import UMMAE
 
-METHODS: dict[str, type[Method]] = {"umae": UMMAE, "simmim": SimMIM, "classify": Classifier}
+METHODS: dict[str, type[Method]] = {"umae": UMMAE, "simmim": SimMIM, "dinov2": DINOv2, "classify": Classifier}
 
 
 def build_method(cfg: Any) -> Method:

@@ -39,8 +39,9 @@ def create_backbone(model_cfg: Any, **overrides: Any) -> tuple[nn.Module, dict[s
                           f"{timm.list_models('sslkit_*')} (similar: {close})")
     try:
         model = timm.create_model(name, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"model {name!r} rejected model.kwargs {dict(model_cfg.kwargs or {})}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model {name!r} rejected its arguments (img_size={kwargs['img_size']}, model.kwargs="
+                          f"{dict(model_cfg.kwargs or {})}): {e}") from e
     return model, {"name": name, "kwargs": kwargs}
 
 

@@ -13,7 +13,7 @@ import timm
 import torch
 
 from sslkit.errors import CheckpointError
-from sslkit.models import pvt, swin  # noqa: F401  (registers the models)
+from sslkit.models import pvt, swin, vit  # noqa: F401  (registers the models)
 
 
 def convert_um_pretrain_to_finetune(model_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -28,4 +28,4 @@ def convert_um_pretrain_to_finetune(model_name: str, state_dict: Mapping[str, to
     return fn(state_dict)
 
 
-__all__ = ["convert_um_pretrain_to_finetune", "pvt", "swin"]
+__all__ = ["convert_um_pretrain_to_finetune", "pvt", "swin", "vit"]
