@@ -10,7 +10,7 @@ import importlib.resources
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -255,22 +255,32 @@ def export_main(argv: list[str] | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------------- eval
-def eval_knn(checkpoint: str | Path, data_overrides: list[str], k: int = 20, temperature: float = 0.07,
-             out: Optional[str | Path] = None) -> dict[str, float]:
-    """Weighted kNN on frozen features: train split -> val split of the checkpoint's data config
-    (or of ``data=...`` overrides)."""
-    from sslkit import checkpoint as ckpt_io
+class EvalFeatures(NamedTuple):
+    """Frozen features of a checkpoint's backbone on the train and val splits (L2-normalized, CPU)."""
+
+    train_f: torch.Tensor  # (N, C)
+    train_y: torch.Tensor  # (N,) int64
+    val_f: torch.Tensor  # (M, C)
+    val_y: torch.Tensor  # (M,) int64
+    classes: list[str]
+    ckpt: dict[str, Any]
+    data: dict[str, Any]  # the data config the splits were built from
+
+
+def eval_features(checkpoint: str | Path, data_overrides: list[str]) -> EvalFeatures:
+    """Load the backbone of ``checkpoint`` and extract its pooled pre-logit features (``embed``) on the
+    train and val splits of the checkpoint's data config, or of ``data=...`` / ``data.*`` overrides
+    (then composed from the packaged defaults, not merged with the checkpoint's). Synthetic data has no
+    split: train = the config's images, val = 512 images of seed + 1000. Shared by kNN and linear."""
     from sslkit.data import build_eval_loader, build_source
-    from sslkit.evaluation import extract_features, knn_classify
+    from sslkit.evaluation import extract_features
     from sslkit.methods.base import embed
 
-    ckpt = ckpt_io.load(checkpoint)
-    base = compose([f"{o}" for o in data_overrides])  # data=... group choice and data.* keys
-    data_cfg = OmegaConf.create(ckpt["config"]["data"]) if not data_overrides else base.data
-    model, _, _ = load_backbone(checkpoint, for_finetune=False)
+    model, ckpt, _ = load_backbone(checkpoint, for_finetune=False)  # CheckpointError if missing / not ours
     model.eval()
+    data_cfg = compose(list(data_overrides)).data if data_overrides else OmegaConf.create(ckpt["config"]["data"])
     size = int(ckpt["config"]["method"]["view"]["size"])
-    splits = []
+    out, classes = [], []
     for split in ("train", "val"):
         c = copy.deepcopy(data_cfg)
         with open_dict(c):
@@ -279,27 +289,95 @@ def eval_knn(checkpoint: str | Path, data_overrides: list[str], k: int = 20, tem
                 c.num_samples = 512 if split == "val" else c.num_samples
             else:
                 c.split = split
-        splits.append(build_eval_loader(build_source(c), c, size))
-    (trf, try_), (tef, tey) = [extract_features(lambda x: embed(model, x), ld, torch.device("cpu")) for ld in splits]
-    res = knn_classify(trf, try_, tef, tey, k=k, temperature=temperature)
+        src = build_source(c)  # DataError for an empty split
+        classes = list(src.classes)
+        out.append(extract_features(lambda x: embed(model, x), build_eval_loader(src, c, size), torch.device("cpu")))
+    (trf, try_), (vf, vy) = out
+    return EvalFeatures(trf, try_, vf, vy, classes, ckpt, OmegaConf.to_container(data_cfg, resolve=True))
+
+
+def eval_knn(checkpoint: str | Path, data_overrides: list[str], k: int = 20, temperature: float = 0.07,
+             out: Optional[str | Path] = None) -> dict[str, float]:
+    """Weighted kNN on frozen features: train split -> val split of the checkpoint's data config
+    (or of ``data=...`` overrides)."""
+    from sslkit.evaluation import knn_classify
+
+    f = eval_features(checkpoint, data_overrides)
+    res = knn_classify(f.train_f, f.train_y, f.val_f, f.val_y, k=k, temperature=temperature)
     print(f"[sslkit] kNN (k={k}, T={temperature}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
     if out:
         Path(out).write_text(json.dumps({"checkpoint": str(checkpoint), "k": k, **res}, indent=2))
     return res
 
 
+def eval_linear(checkpoint: str | Path, data_overrides: list[str], lrs: Optional[list[float]] = None,
+                epochs: int = 100, out: Optional[str | Path] = None, *, batch_size: int = 256,
+                weight_decay: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """Linear probe on frozen features (``evaluation.linear_probe``): train split -> val split, like
+    ``eval_knn``. The lr is chosen on held-out train samples; val is only reported. Writes the result
+    (checkpoint, protocol, chosen lr, top-1 / top-5, every lr's held-out and val accuracy) to ``out``."""
+    from sslkit.evaluation import DEFAULT_LRS, linear_probe
+
+    f = eval_features(checkpoint, data_overrides)
+    res = linear_probe(f.train_f, f.train_y, f.val_f, f.val_y, num_classes=len(f.classes),
+                       lrs=tuple(lrs) if lrs else DEFAULT_LRS, epochs=epochs, batch_size=batch_size,
+                       weight_decay=weight_decay, seed=seed, class_names=f.classes)
+    p = res["protocol"]
+    print(f"[sslkit] linear probe ({len(p['lrs'])} lrs at once, SGD+cosine, {epochs} epochs, lr chosen on "
+          f"{p['holdout_samples']} held-out train images): val top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}% "
+          f"on {p['val_samples']} images (lr {res['lr']:g}, held-out top-1 {res['holdout_top1']:.2f}%)")
+    if res["lr_at_grid_edge"]:
+        print(f"[sslkit] note: the chosen lr {res['lr']:g} is at the edge of the grid {p['lrs']}; "
+              f"a wider lrs=[...] may do better")
+    diverged = [d["lr"] for d in res["per_lr"] if d["diverged"]]
+    if diverged:
+        print(f"[sslkit] note: lrs {diverged} diverged (never selected)")
+    report = {"checkpoint": str(checkpoint), "method": f.ckpt.get("method"), "step": f.ckpt.get("step"),
+              "model": f.ckpt["model_config"]["name"], "data": f.data, "eval": "linear",
+              "features": "backbone pooled pre-logits (CLS for ViT, mean-pooled last stage for PVT/Swin), "
+                          "L2-normalized", **res}
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+EVAL_USAGE = (
+    "usage: sslkit-eval knn checkpoint=<ckpt> [data=<group> data.path=...] [k=20] [t=0.07] [out=r.json]\n"
+    "       sslkit-eval linear checkpoint=<ckpt> [data=<group> data.path=...] [epochs=100] "
+    "[lrs=[0.001,0.01,0.1]] [batch_size=256] [wd=0] [seed=0] [out=r.json]"
+)
+_EVAL_KEYS = {"knn": {"checkpoint", "k", "t", "out"},
+              "linear": {"checkpoint", "epochs", "lrs", "batch_size", "wd", "seed", "out"}}
+
+
 def eval_main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if not argv or argv[0] != "knn":
-            raise ConfigError("usage: sslkit-eval knn checkpoint=<ckpt> [data=<group> data.path=...] [k=20] [out=r.json]"
-                              " (linear probe comes with the fine-tune/eval release)")
-        kv = [a for a in argv[1:] if not a.startswith(("data=", "data."))]
-        args = _kv_args(kv)
+        if not argv or argv[0] not in _EVAL_KEYS:
+            got = f"unknown subcommand {argv[0]!r}; " if argv else ""
+            raise ConfigError(f"{got}{EVAL_USAGE}")
+        cmd = argv[0]
+        data = [a for a in argv[1:] if a.startswith(("data=", "data."))]
+        args = _kv_args([a for a in argv[1:] if not a.startswith(("data=", "data."))])
+        unknown = sorted(set(args) - _EVAL_KEYS[cmd])
+        if unknown:
+            raise ConfigError(f"sslkit-eval {cmd} does not take {unknown}; {EVAL_USAGE}")
         if "checkpoint" not in args:
-            raise ConfigError("sslkit-eval knn needs checkpoint=<path>")
-        eval_knn(str(args.checkpoint), [a for a in argv[1:] if a.startswith(("data=", "data."))],
-                 k=int(args.get("k", 20)), temperature=float(args.get("t", 0.07)), out=args.get("out"))
+            raise ConfigError(f"sslkit-eval {cmd} needs checkpoint=<path>; {EVAL_USAGE}")
+        if cmd == "knn":
+            eval_knn(str(args.checkpoint), data, k=int(args.get("k", 20)), temperature=float(args.get("t", 0.07)),
+                     out=args.get("out"))
+        else:
+            lrs = args.get("lrs")
+            if lrs is not None:
+                lrs = list(lrs) if OmegaConf.is_list(lrs) else [lrs]
+                try:
+                    lrs = [float(v) for v in lrs]
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"lrs must be a list of numbers like lrs=[0.001,0.01,0.1], got {lrs}") from e
+            eval_linear(str(args.checkpoint), data, lrs=lrs, epochs=int(args.get("epochs", 100)),
+                        out=args.get("out"), batch_size=int(args.get("batch_size", 256)),
+                        weight_decay=float(args.get("wd", 0.0)), seed=int(args.get("seed", 0)))
     except SSLKitError as e:
         print(f"[sslkit] error: {e}", file=sys.stderr)
         sys.exit(2)
