@@ -374,7 +374,8 @@ def test_single_path_matches_packed_path_in_training() -> None:
     # drop_path_rate 0 in training == eval
     m0 = make(init_values=1e-5, reg_tokens=1)
     with torch.no_grad():
-        torch.testing.assert_close(m0.train().forward_packed([x])[0], m0.eval().forward_features(x), atol=1e-5, rtol=1e-5)
+        train_out = m0.train().forward_packed([x])[0]
+        torch.testing.assert_close(train_out, m0.eval().forward_features(x), atol=1e-5, rtol=1e-5)
 
 
 def test_uniform_drop_path_rate() -> None:

@@ -5,10 +5,14 @@ op is timed). Speed: all variants of a model are built in one spawned process an
 (``interleaved_medians``: load drift hits them alike), ``step_ms`` is the median after ``--warmup``
 rounds over ``--iters`` rounds. Variants whose first step is > 2.5x slower than ``packed``'s (on CPU:
 ``dense_mask``, ``njt``) are stepped in a second, short round-robin together with ``packed`` (no
-warm-up, ``min(iters, 2)`` rounds) and their ``packed/<v>`` speedup comes from that pass. Memory: each
-variant alone in a fresh process (model + inputs allocated, ``malloc_trim``, baseline RSS, high-water
-mark reset, one step) -> ``peak_mem_mb`` (max RSS) and ``activation_mem_mb`` (peak minus baseline);
-``compile`` compiles in a step before that window. The same process checks the multi-crop variants
+warm-up, ``min(iters, 2)`` rounds) and their ``packed/<v>`` speedup comes from that pass. Speed
+processes pin glibc's mmap threshold so large activations are recycled as with jemalloc / tcmalloc
+(glibc's default re-mmaps, hence re-page-faults, every tensor > 32 MB on every step, which hits only
+the packed variants; see ``_set_malloc``); ``packed`` vs ``per_group`` is also reported with glibc's
+defaults (``*_glibc_dflt`` rows). Memory: each variant alone in a fresh process with a fixed 128 KiB
+mmap threshold (RSS follows the live tensors): model + inputs allocated, ``malloc_trim``, baseline
+RSS, high-water mark reset, one step -> ``peak_mem_mb`` (max RSS) and ``activation_mem_mb`` (peak
+minus baseline); ``compile`` compiles in a step before that window. The same process checks the multi-crop variants
 against ``per_group`` (``max_abs_err``) and reports failures (unsupported op, timeout) as ``skipped``
 rows with a ``note``.
 
@@ -67,6 +71,29 @@ def _device() -> torch.device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _set_malloc(mode: str) -> bool:
+    """Pin glibc malloc's mmap threshold (call first thing in a fresh process; False if not glibc).
+
+    glibc's default threshold is dynamic and capped at 32 MB: tensors above the cap (the packed MLP hidden
+    at B=8: 5520 x 1536 fp32 = 34 MB) are mmapped and munmapped on every step, i.e. page-faulted again
+    every step, smaller ones are recycled from the heap (per_group: 0 page faults per step, packed:
+    30-70k). ``"recycle"`` (speed runs): 1 GiB threshold and no heap trimming -- every tensor is
+    recycled, as with jemalloc / tcmalloc, which the PyTorch CPU tuning guides recommend.
+    ``"exact"`` (memory runs): 128 KiB fixed threshold -- every large tensor is its own mapping, returned
+    to the OS when freed, so RSS follows the live tensors and the high-water mark is their peak.
+    """
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    if mode == "recycle":
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    if mode == "exact":
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 << 10))
+    return mode == "default"
 
 
 def _trim() -> None:
@@ -218,6 +245,7 @@ def measure_memory(model_name: str, variant: str, batch: int, threads: int) -> d
     Memory window: model + inputs allocated, heap trimmed, RSS baseline, high-water mark reset, one
     step. ``compile`` first runs one (compiling) step outside the window.
     """
+    _set_malloc("exact")
     torch.set_num_threads(threads)
     device = _device()
     try:
@@ -251,11 +279,13 @@ def measure_memory(model_name: str, variant: str, batch: int, threads: int) -> d
 
 
 def measure_speed(model_name: str, variants: list[str], slow: list[str], batch: int, threads: int,
-                  warmup: int, iters: int) -> dict[str, float]:
+                  warmup: int, iters: int, malloc: str = "recycle") -> dict[str, float]:
     """Median ms per step, one process, round-robin. ``variants``: ``warmup`` + ``iters`` rounds (after
     one untimed first call each: compilation, lazy init). ``slow`` variants (several times slower than
     ``packed``) run a second round-robin with ``packed`` as the in-pass reference: no warm-up,
-    ``min(iters, 2)`` rounds; their ratio to packed is returned as ``"<v>/packed"``."""
+    ``min(iters, 2)`` rounds; their ratio to packed is returned as ``"<v>/packed"``. ``malloc``: see
+    :func:`_set_malloc`."""
+    _set_malloc(malloc)
     torch.set_num_threads(threads)
     device = _device()
     if model_name == "vits_blocks":
@@ -315,6 +345,13 @@ def bench_dinov2(args: argparse.Namespace) -> list[dict[str, Any]]:
         fast = [v for v in ok if v not in slow]
         ms = run_isolated(measure_speed, model, fast, slow, batch, args.threads, args.warmup, args.iters)
         print(f"  {model}: " + " ".join(f"{v}={t:.4g}" for v, t in ms.items()), flush=True)
+        if model == "vit_small" and {"packed", "per_group"} <= set(fast):  # same, glibc's default malloc
+            dflt = run_isolated(measure_speed, model, ["packed", "per_group"], [], batch, args.threads,
+                                args.warmup, args.iters, "default")
+            print(f"  {model} (default glibc malloc): " + " ".join(f"{v}={t:.4g}" for v, t in dflt.items()))
+            rows += [row(b, model, v, "step_ms_glibc_dflt", dflt[v], "ms") for v in ("packed", "per_group")]
+            rows.append(row(b, model, "packed/per_group", "speedup_glibc_dflt", dflt["per_group"] / dflt["packed"],
+                            "x"))
         for v in ok:
             rows.append(row(b, model, v, "step_ms", ms[v], "ms"))
             rows.append(row(b, model, v, "peak_mem_mb", mem[v]["peak_mem_mb"], "MB"))
