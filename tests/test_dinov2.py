@@ -85,7 +85,7 @@ def test_teacher_temperature_and_momentum_schedules():
 
 
 def test_after_step_is_the_ema_formula_and_advances_the_step():
-    m = make()
+    m = make("method.ema_momentum=0.992")
     m.begin(0, derived(total=100))
     with torch.no_grad():
         for p in m.student.parameters():
