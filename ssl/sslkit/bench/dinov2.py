@@ -6,15 +6,16 @@ op is timed). Speed: all variants of a model are built in one spawned process an
 rounds over ``--iters`` rounds. Variants whose first step is > 2.5x slower than ``packed``'s (on CPU:
 ``dense_mask``, ``njt``) are stepped in a second, short round-robin together with ``packed`` (no
 warm-up, ``min(iters, 2)`` rounds) and their ``packed/<v>`` speedup comes from that pass. Speed
-processes pin glibc's mmap threshold so large activations are recycled as with jemalloc / tcmalloc
-(glibc's default re-mmaps, hence re-page-faults, every tensor > 32 MB on every step, which hits only
-the packed variants; see ``_set_malloc``); ``packed`` vs ``per_group`` is also reported with glibc's
-defaults (``*_glibc_dflt`` rows). Memory: each variant alone in a fresh process with a fixed 128 KiB
-mmap threshold (RSS follows the live tensors): model + inputs allocated, ``malloc_trim``, baseline
-RSS, high-water mark reset, one step -> ``peak_mem_mb`` (max RSS) and ``activation_mem_mb`` (peak
-minus baseline); ``compile`` compiles in a step before that window. The same process checks the multi-crop variants
-against ``per_group`` (``max_abs_err``) and reports failures (unsupported op, timeout) as ``skipped``
-rows with a ``note``.
+processes use glibc's default malloc, which re-mmaps (hence re-page-faults) every tensor > 32 MB on
+every step -- at B=8 that hits only the packed variants (MLP hidden 34 MB); ``packed`` vs
+``per_group`` is therefore also reported with large allocations recycled as with jemalloc / tcmalloc
+(``*_recycle`` rows, see ``_set_malloc``). Memory: each variant alone in a fresh process with a fixed
+128 KiB mmap threshold (RSS follows the live tensors): model + inputs allocated, ``malloc_trim``,
+baseline RSS, high-water mark reset, one step -> ``peak_mem_mb`` (max RSS) and ``activation_mem_mb``
+(peak minus baseline); ``compile`` compiles in a step before that window. The same process checks the
+multi-crop variants against ``per_group`` (``max_abs_err``) and reports failures (unsupported op,
+timeout) as ``skipped`` rows with a ``note``. On a shared machine (other processes competing for the
+cores) the OpenMP-synchronised small ops (gather / index_add) suffer disproportionately: run it idle.
 
 1. ``vits_blocks``: a ViT-S block stack, 4 blocks, dim 384, 6 heads, mlp 4, LayerScale 1e-5, input
    ``(32, 197, 384)`` (batch 32 of 224 px / patch 16 sequences) that requires grad, training mode.
@@ -54,7 +55,8 @@ from torch import Tensor, nn
 from sslkit.bench import (interleaved_medians, peak_rss_mb, print_table, register, reset_peak_rss, row, rss_mb,
                           run_isolated)
 
-MODELS = ["vits_blocks", "vit_small"]
+STEP_MODEL = "vit_small_dinov2_step"  # needs lightly (pip install -e ".[bench]") for its peer variant
+MODELS = ["vits_blocks", "vit_small", STEP_MODEL]
 BLOCKS = dict(dim=384, heads=6, mlp_ratio=4.0, depth=4, tokens=197, batch=32, init_values=1e-5)
 RATES = (0.1, 0.2, 0.4)
 BLOCK_VARIANTS = [f"{v}@{d}" for d in RATES for v in ("efficient_sd", "droppath")]
@@ -79,8 +81,8 @@ def _set_malloc(mode: str) -> bool:
     glibc's default threshold is dynamic and capped at 32 MB: tensors above the cap (the packed MLP hidden
     at B=8: 5520 x 1536 fp32 = 34 MB) are mmapped and munmapped on every step, i.e. page-faulted again
     every step, smaller ones are recycled from the heap (per_group: 0 page faults per step, packed:
-    30-70k). ``"recycle"`` (speed runs): 1 GiB threshold and no heap trimming -- every tensor is
-    recycled, as with jemalloc / tcmalloc, which the PyTorch CPU tuning guides recommend.
+    30-70k). ``"default"``: leave glibc alone. ``"recycle"``: 1 GiB threshold and no heap trimming --
+    every tensor is recycled, as with jemalloc / tcmalloc (recommended by the PyTorch CPU tuning guides).
     ``"exact"`` (memory runs): 128 KiB fixed threshold -- every large tensor is its own mapping, returned
     to the OS when freed, so RSS follows the live tensors and the high-water mark is their peak.
     """
@@ -279,7 +281,7 @@ def measure_memory(model_name: str, variant: str, batch: int, threads: int) -> d
 
 
 def measure_speed(model_name: str, variants: list[str], slow: list[str], batch: int, threads: int,
-                  warmup: int, iters: int, malloc: str = "recycle") -> dict[str, float]:
+                  warmup: int, iters: int, malloc: str = "default") -> dict[str, float]:
     """Median ms per step, one process, round-robin. ``variants``: ``warmup`` + ``iters`` rounds (after
     one untimed first call each: compilation, lazy init). ``slow`` variants (several times slower than
     ``packed``) run a second round-robin with ``packed`` as the in-pass reference: no warm-up,
@@ -328,6 +330,11 @@ def bench_dinov2(args: argparse.Namespace) -> list[dict[str, Any]]:
     b = "dinov2"
     rows: list[dict[str, Any]] = []
     for model in models:
+        if model == STEP_MODEL:  # the whole DINOv2 training step, sslkit vs lightly (bench/dinov2_step.py)
+            from sslkit.bench.dinov2_step import step_rows
+
+            rows += step_rows(args)
+            continue
         candidates = BLOCK_VARIANTS if model == "vits_blocks" else CROP_VARIANTS
         mem: dict[str, dict[str, Any]] = {}
         for v in candidates:
@@ -345,13 +352,12 @@ def bench_dinov2(args: argparse.Namespace) -> list[dict[str, Any]]:
         fast = [v for v in ok if v not in slow]
         ms = run_isolated(measure_speed, model, fast, slow, batch, args.threads, args.warmup, args.iters)
         print(f"  {model}: " + " ".join(f"{v}={t:.4g}" for v, t in ms.items()), flush=True)
-        if model == "vit_small" and {"packed", "per_group"} <= set(fast):  # same, glibc's default malloc
-            dflt = run_isolated(measure_speed, model, ["packed", "per_group"], [], batch, args.threads,
-                                args.warmup, args.iters, "default")
-            print(f"  {model} (default glibc malloc): " + " ".join(f"{v}={t:.4g}" for v, t in dflt.items()))
-            rows += [row(b, model, v, "step_ms_glibc_dflt", dflt[v], "ms") for v in ("packed", "per_group")]
-            rows.append(row(b, model, "packed/per_group", "speedup_glibc_dflt", dflt["per_group"] / dflt["packed"],
-                            "x"))
+        if model == "vit_small" and {"packed", "per_group"} <= set(fast):  # allocator sensitivity
+            rec = run_isolated(measure_speed, model, ["packed", "per_group"], [], batch, args.threads,
+                               args.warmup, args.iters, "recycle")
+            print(f"  {model} (malloc recycling large blocks): " + " ".join(f"{v}={t:.4g}" for v, t in rec.items()))
+            rows += [row(b, model, v, "step_ms_recycle", rec[v], "ms") for v in ("packed", "per_group")]
+            rows.append(row(b, model, "packed/per_group", "speedup_recycle", rec["per_group"] / rec["packed"], "x"))
         for v in ok:
             rows.append(row(b, model, v, "step_ms", ms[v], "ms"))
             rows.append(row(b, model, v, "peak_mem_mb", mem[v]["peak_mem_mb"], "MB"))
