@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from itertools import islice
 
 import pytest
 import torch
@@ -27,16 +26,7 @@ def _synthetic(n: int = 64, batch_size: int = 4, num_workers: int = 0) -> tuple[
     return build_source(cfg), cfg
 
 
-def _take(loader, n: int) -> list[dict[str, torch.Tensor]]:
-    return list(islice(iter(loader), n))
-
-
-def _assert_same(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert torch.equal(x[k], y[k]), k
+from tests.data.test_loader import _assert_same, _take  # noqa: E402  (shared loader-test helpers)
 
 
 def _crops(view_cfg: MultiCropViewConfig, img: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from sslkit.errors import ConfigError
 from sslkit.methods import dino_losses as L
-from sslkit.methods.base import Method, create_backbone
+from sslkit.methods.base import Method, create_backbone, embed
 from sslkit.methods.ema import ema_update, freeze
 from sslkit.schedules import cosine, linear
 
@@ -233,8 +233,7 @@ class DINOv2(Method):
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
         """Teacher CLS (after the final norm), as DINOv2 evaluates: (B, 3, H, W) -> (B, C)."""
-        bb = self.teacher["backbone"]
-        return bb.forward_head(bb.forward_features(images), pre_logits=True)
+        return embed(self.teacher["backbone"], images)
 
     def heldout_batch(self, images: Tensor, generator: torch.Generator) -> Optional[dict[str, Tensor]]:
         return None  # the DINO loss needs multi-crop views; the summary reports kNN only
