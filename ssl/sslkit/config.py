@@ -189,6 +189,8 @@ class TrainerConfig:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16  (auto: bf16 on CUDA if supported, fp32 on CPU)
     device: str = "auto"  # auto | cpu | cuda
+    strategy: str = "single"  # single | ddp | fsdp (FSDP2); launch several processes with torchrun / srun
+    ddp_find_unused: bool = True  # DDP find_unused_parameters (DINOv2 detaches its last head layer in epoch 1)
     compile: bool = False
     resume: str = "auto"  # auto | never | <path to a checkpoint>
     log_every: int = 10

@@ -69,7 +69,8 @@ def test_resume_is_exact(num_workers: int) -> None:
     with build_pretrain_loader(src, cfg, VIEW, MASK, seed=7) as ld:
         head = _take(ld, N)
         state = ld.state_dict()
-    assert state == {"epoch": 0, "batch_in_epoch": 3, "batches_consumed": 3, "seed": 7}
+    assert state == {"epoch": 0, "batch_in_epoch": 3, "batches_consumed": 3, "seed": 7, "sample_in_epoch": 24,
+                     "samples_consumed": 24, "batch_size": 8, "world_size": 1}
     with build_pretrain_loader(src, cfg, VIEW, MASK, seed=7, start_batch=state["batches_consumed"]) as ld:
         tail = _take(ld, M)
         assert ld.state_dict()["batches_consumed"] == N + M
@@ -114,7 +115,8 @@ def test_epoch_rollover() -> None:
     with build_pretrain_loader(src, cfg, VIEW, None, seed=3) as ld:
         assert ld.batches_per_epoch == 5
         batches = _take(ld, 12)
-        assert ld.state_dict() == {"epoch": 2, "batch_in_epoch": 2, "batches_consumed": 12, "seed": 3}
+        assert ld.state_dict() == {"epoch": 2, "batch_in_epoch": 2, "batches_consumed": 12, "seed": 3,
+                                   "sample_in_epoch": 16, "samples_consumed": 96, "batch_size": 8, "world_size": 1}
         epochs = [torch.cat([b["index"] for b in batches[e * 5 : (e + 1) * 5]]) for e in range(2)]
         for e, idx in enumerate(epochs):
             assert len(set(idx.tolist())) == 40  # no repeats within an epoch

@@ -1,9 +1,12 @@
 """Pretraining and evaluation loaders: deterministic order, seeded views, masks made in the workers.
 
-Pretraining order. Global batch counter ``g = 0, 1, 2, ...`` runs across epochs; epoch
-``e = g // batches_per_epoch``. Epoch e's order is a permutation of the source seeded from
-(seed, e), the same on every rank; rank r takes every ``world_size``-th entry of it (so ranks see
-disjoint samples) and its batches are consecutive ``batch_size`` chunks of that (drop_last).
+Pretraining order. The sample stream is the concatenation of epoch permutations: epoch ``e``'s order
+is a permutation of the source seeded from (seed, e), the same on every rank. A *global batch* is the
+next ``G = batch_size x world_size`` entries of it; rank r takes every ``world_size``-th entry of the
+global batch, starting at r (so ranks see disjoint samples, and the union of the ranks' batches is
+exactly the batch a single process with ``batch_size x world_size`` would get). An epoch ends when
+fewer than G unused entries are left (drop_last: ``n // G`` global batches per epoch). Global batch
+counter ``g = 0, 1, 2, ...`` runs across epochs and is the same on every rank.
 
 Batches. The view (``views.build_view``, chosen by ``view.kind``) maps each image to one tensor or
 to a dict of stacked crops. Single-view (``mae``): ``{"images": (B, 3, S, S), "labels": (B,),
@@ -14,13 +17,32 @@ with 0 crops (``n_local=0``) is left out. Masks come from ``mask_fn(B, generator
 multi-crop mask function such as ``masking.BlockMasking`` returns its n_global*B rows itself, in
 the same view-major order).
 
-Reproducibility. The sampler yields one *batch key* ``(g, sample indices)`` per step; a worker turns
-the key into the whole batch: each sample's view is drawn with torch's CPU generator seeded from
-(seed, rank, g, position in batch), and the masks from a ``torch.Generator`` seeded from
-(seed, rank, g). A batch is therefore a pure function of (source, config, seed, rank, g): the same
-with 0 or N workers and after a resume from ``start_batch`` (the count of batches already
-consumed), with nothing replayed or skipped. The worker's global RNG state is restored after each
-batch, so a ``num_workers=0`` loader leaves the training process's RNG untouched.
+Reproducibility, rank-independent. The sampler yields one *batch key* ``(g, sample indices, their
+positions in the global batch)`` per step; a worker turns the key into the whole batch: each
+sample's view is drawn with torch's CPU generator seeded from (seed, g, position in the global
+batch), and the masks are made for the whole global batch from a ``torch.Generator`` seeded from
+(seed, g), of which the rank keeps its samples' rows. So a sample's view and mask do not depend on
+the rank or the world size (at equal global batch): W ranks with batch B see exactly the samples,
+crops and masks of one process with batch ``W x B`` (each rank makes the global batch's masks, a
+cheap W-fold redundancy). A batch is a pure function of (source, config, seed, rank, world_size,
+g): the same with 0 or N workers and after a resume, with nothing replayed or skipped. The worker's
+global RNG state is restored after each batch, so a ``num_workers=0`` loader leaves the training
+process's RNG untouched.
+
+Resume (``state_dict()``, ``start_state=``). The state counts what was handed to the caller
+(prefetched batches don't count): ``batches_consumed`` (global batches, = g), ``epoch`` and
+``sample_in_epoch`` (global samples of that epoch already consumed, by all ranks together),
+``samples_consumed`` (global samples since the start of the run), ``seed``, ``batch_size`` and
+``world_size``. A new loader built with ``start_state=`` continues at (epoch, sample_in_epoch):
+
+- same global batch (``batch_size x world_size``): exactly the batches an uninterrupted run yields;
+- a different world size or batch size: the rest of the current epoch's permutation, cut into the new
+  global batches (no sample of the epoch is repeated; the tail shorter than one new global batch is
+  dropped), then the next epochs as usual. ``g`` keeps counting, so views and masks stay seeded per
+  global batch (they differ from those of an uninterrupted run in the old geometry, which is
+  inherent: the batches themselves differ).
+
+``start_batch=k`` (same geometry only) is shorthand for k global batches consumed from the start.
 
 Unreadable images (``data.on_error``): ``raise`` fails at once naming the file; ``skip`` substitutes
 the next readable index (deterministic) and logs a warning naming the file and the running count of
@@ -122,49 +144,59 @@ class ErrorPolicy:
 
 # ----------------------------------------------------------------------------------------- pretrain
 class _BatchKeys(Sampler):
-    """Endless batch keys ``(g, indices)`` from ``g = start`` on (see the module docstring)."""
+    """Endless batch keys ``(g, indices, positions)`` from the start state on (see the module docstring).
+
+    ``positions``: where each of this rank's samples sits in the global batch (``rank + world_size * i``).
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.per_rank = n // world_size
-        self.batches_per_epoch = self.per_rank // batch_size
-        self.start = 0
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = n // self.global_batch
+        self.start = (0, 0, 0)  # (g, epoch, sample_in_epoch)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """(n,) int64: the whole epoch's order, the same on every rank."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
+        return torch.randperm(self.n, generator=gen)
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
-        """(per_rank,) int64: this rank's samples of ``epoch`` in order."""
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
-        perm = torch.randperm(self.n, generator=gen)
-        return perm[self.rank : self.per_rank * self.world_size : self.world_size]
+        """(n // world_size,) int64: this rank's samples of ``epoch`` in order (from the epoch's start)."""
+        per_rank = self.n // self.world_size
+        return self.permutation(epoch)[self.rank : per_rank * self.world_size : self.world_size]
 
-    def __iter__(self) -> Iterator[tuple[int, tuple[int, ...]]]:
-        g = self.start
-        B, bpe = self.batch_size, self.batches_per_epoch
+    def __iter__(self) -> Iterator[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+        g, epoch, offset = self.start
+        G, W, r = self.global_batch, self.world_size, self.rank
+        positions = tuple(range(r, G, W))
         while True:
-            epoch, b0 = divmod(g, bpe)
-            order = self.epoch_indices(epoch)
-            for b in range(b0, bpe):
-                yield g, tuple(order[b * B : (b + 1) * B].tolist())
+            order = self.permutation(epoch)
+            while offset + G <= self.n:
+                yield g, tuple(order[offset + r : offset + G : W].tolist()), positions
                 g += 1
+                offset += G
+            epoch, offset = epoch + 1, 0
 
 
 class _PretrainBatches(Dataset):
     """Batch key -> batch dict; runs in the worker (decode, views, stack, masks)."""
 
     def __init__(self, source: Any, view: View, mask_fn: Optional[MaskFn], policy: ErrorPolicy,
-                 seed: int, rank: int) -> None:
+                 seed: int, world_size: int) -> None:
         self.source, self.view, self.mask_fn, self.policy = source, view, mask_fn, policy
-        self.seed, self.rank = seed, rank
+        self.seed, self.world_size = seed, world_size
 
-    def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        g, indices = key
+    def __getitem__(self, key: tuple[int, tuple[int, ...], tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        g, indices, positions = key
         B = len(indices)
         views, labels, used = [], [], []
         rng_state = torch.get_rng_state()  # views use the global CPU generator: restore it after
         try:
-            for pos, i in enumerate(indices):
+            for i, pos in zip(indices, positions):
                 img, label, j = self.policy.read(self.source, i)
-                torch.default_generator.manual_seed(derive_seed(self.seed, _VIEW, self.rank, g, pos))
+                # the 0 stands where the rank was: views are rank-independent (single-process streams unchanged)
+                torch.default_generator.manual_seed(derive_seed(self.seed, _VIEW, 0, g, pos))
                 views.append(self.view(img))  # (3, S, S) float32, or {key: (n_k, 3, S_k, S_k)}
                 labels.append(label)
                 used.append(j)
@@ -176,8 +208,14 @@ class _PretrainBatches(Dataset):
             "index": torch.tensor(used, dtype=torch.int64),  # (B,)
         }
         if self.mask_fn is not None:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, _MASK, self.rank, g))
-            masks = self.mask_fn(B, gen)
+            GB = B * self.world_size
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, _MASK, 0, g))
+            masks = self.mask_fn(GB, gen)  # the global batch's masks: rows (k * GB, ...), view-major
+            if self.world_size > 1:
+                pos = torch.tensor(positions, dtype=torch.int64)
+                for k, m in masks.items():
+                    assert m.shape[0] % GB == 0, f"mask {k!r} has {m.shape[0]} rows, not a multiple of {GB}"
+                    masks[k] = m.view(m.shape[0] // GB, GB, *m.shape[1:])[:, pos].reshape(-1, *m.shape[1:])
             assert not set(masks) & set(batch), f"mask keys {sorted(masks)} clash with the batch keys"
             batch.update(masks)
         return batch
@@ -210,15 +248,17 @@ def _identity(x: Any) -> Any:
 
 
 class PretrainLoader:
-    """Endless iterable of pretraining batch dicts (see the module docstring).
+    """Endless iterable of pretraining batch dicts (see the module docstring for order and resume).
 
-    ``state_dict()`` counts the batches *yielded to the caller* (prefetched ones don't count); build a
-    new loader with ``start_batch=state["batches_consumed"]`` to resume exactly. One active iterator
-    at a time: a new ``iter()`` continues after the last batch handed out.
+    ``state_dict()`` describes the batches *yielded to the caller* (prefetched ones don't count); build a
+    new loader with ``start_state=state`` to resume (exactly, at the same global batch; without
+    repeating the epoch's consumed samples at another world size / batch size). One active iterator at
+    a time: a new ``iter()`` continues after the last batch handed out.
     """
 
     def __init__(self, source: Any, cfg: DataConfig, view: AnyViewConfig, mask_fn: Optional[MaskFn], *,
-                 seed: int, start_batch: int, device: str, rank: int, world_size: int) -> None:
+                 seed: int, start_batch: int, device: str, rank: int, world_size: int,
+                 start_state: Optional[dict[str, Any]] = None) -> None:
         n = len(source)
         B = int(cfg.batch_size)
         if B <= 0:
@@ -241,8 +281,13 @@ class PretrainLoader:
             )
         self.policy = ErrorPolicy(str(cfg.on_error), int(cfg.max_errors), n)
         self._dataset = _PretrainBatches(source, build_view(view, cfg.mean, cfg.std), mask_fn,
-                                         self.policy, self.seed, rank)
-        self._consumed = int(start_batch)
+                                         self.policy, self.seed, world_size)
+        G = self._sampler.global_batch
+        if start_state is not None:
+            self._g, self._epoch, self._offset, self._samples = _resume_point(start_state, n, G)
+        else:
+            epoch, b = divmod(int(start_batch), self.batches_per_epoch)
+            self._g, self._epoch, self._offset, self._samples = int(start_batch), epoch, b * G, int(start_batch) * G
         self._loader = DataLoader(
             self._dataset,
             batch_size=None,  # the dataset returns whole batches
@@ -261,21 +306,28 @@ class PretrainLoader:
 
     @property
     def batches_consumed(self) -> int:
-        return self._consumed
+        return self._g
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
-        """This rank's sample order in ``epoch`` (before any skip substitution)."""
+        """This rank's sample order in ``epoch`` (before any skip substitution), from the epoch's start."""
         return self._sampler.epoch_indices(epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self._sampler.start = self._consumed
+        self._sampler.start = (self._g, self._epoch, self._offset)
+        G, n = self._sampler.global_batch, self._sampler.n
         for batch in self._loader:
-            self._consumed += 1
+            self._g += 1
+            self._samples += G
+            self._offset += G
+            if self._offset + G > n:  # the sampler moves on to the next epoch
+                self._epoch, self._offset = self._epoch + 1, 0
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        epoch, b = divmod(self._consumed, self.batches_per_epoch)
-        return {"epoch": epoch, "batch_in_epoch": b, "batches_consumed": self._consumed, "seed": self.seed}
+        G = self._sampler.global_batch
+        return {"epoch": self._epoch, "batch_in_epoch": self._offset // G, "batches_consumed": self._g,
+                "sample_in_epoch": self._offset, "samples_consumed": self._samples, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size}
 
     def close(self) -> None:
         """Stop the persistent worker processes (they also stop when the loader is garbage collected)."""
@@ -289,6 +341,21 @@ class PretrainLoader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _resume_point(state: dict[str, Any], n: int, global_batch: int) -> tuple[int, int, int, int]:
+    """(g, epoch, sample_in_epoch, samples_consumed) to continue from a ``state_dict()`` (older states
+    without ``sample_in_epoch`` were written by one process: ``batch_in_epoch x batch_size``)."""
+    g = int(state["batches_consumed"])
+    epoch = int(state["epoch"])
+    if "sample_in_epoch" in state:
+        offset = int(state["sample_in_epoch"])
+    else:
+        offset = int(state["batch_in_epoch"]) * int(state.get("batch_size", global_batch)) * int(state.get("world_size", 1))
+    samples = int(state.get("samples_consumed", g * global_batch))
+    if offset + global_batch > n:  # the rest of the epoch is shorter than one (new) global batch
+        epoch, offset = epoch + 1, 0
+    return g, epoch, offset, samples
 
 
 def _describe(source: Any, i: int) -> str:
@@ -330,7 +397,7 @@ def check_size(source: Any, cfg: DataConfig, size: int, policy: ErrorPolicy) -> 
 
 def build_pretrain_loader(source: Any, cfg: DataConfig, view: AnyViewConfig, mask_fn: Optional[MaskFn] = None, *,
                           seed: int, start_batch: int = 0, device: str = "cpu", rank: int = 0,
-                          world_size: int = 1) -> PretrainLoader:
+                          world_size: int = 1, start_state: Optional[dict[str, Any]] = None) -> PretrainLoader:
     """The endless, resumable pretraining loader over ``source`` (see ``PretrainLoader``).
 
     Batches, with ``B = data.batch_size`` and ``S = view.size``:
@@ -341,9 +408,13 @@ def build_pretrain_loader(source: Any, cfg: DataConfig, view: AnyViewConfig, mas
       "local_crops": (n_local*B, 3, s, s) float32, "labels": (B,) int64, "index": (B,) int64,
       **mask_fn(B, generator)}`` with ``s = view.local_size``; crops are view-major (row ``v * B + b``
       is crop v of sample b) and ``local_crops`` is absent when ``n_local = 0``.
+
+    ``rank`` / ``world_size``: this process's share of each global batch (``batch_size x world_size``);
+    ``start_state``: a ``state_dict()`` to resume from (any world size), else ``start_batch`` global
+    batches of this geometry are skipped.
     """
     loader = PretrainLoader(source, cfg, view, mask_fn, seed=seed, start_batch=start_batch, device=device,
-                            rank=rank, world_size=world_size)
+                            rank=rank, world_size=world_size, start_state=start_state)
     check_size(source, cfg, int(view.size), loader.policy)
     return loader
 

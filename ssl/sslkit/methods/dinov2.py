@@ -127,6 +127,11 @@ class DINOv2(Method):
     def backbone(self) -> nn.Module:  # type: ignore[override]
         return self.student["backbone"]
 
+    @property
+    def fp32_reduce(self) -> tuple[str, ...]:
+        """Submodules whose gradients FSDP reduces in fp32 whatever the precision (distributed.shard)."""
+        return tuple(f"student.{k}" for k in ("dino_head", "ibot_head") if k in self.student)
+
     def train(self, mode: bool = True) -> "DINOv2":
         super().train(mode)
         self.teacher.eval()  # the teacher always runs in eval mode (no stochastic depth)
