@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sslkit.config import register_configs
 from sslkit.errors import CheckpointError, ConfigError, SSLKitError
+from sslkit.preemption import Preempted
 
 CONFIG_NAME = "pretrain"
 
@@ -114,6 +115,8 @@ def _hydra_pretrain(cfg: DictConfig) -> None:
     run_dir = cfg.get("run_dir") or HydraConfig.get().runtime.output_dir
     try:
         run_pretrain(cfg, run_dir)
+    except Preempted as e:  # checkpoint written: submitit requeues, else exit 128 + signum (sslkit.preemption)
+        e.exit()
     except SSLKitError as e:
         print(f"\n[sslkit] error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -161,6 +164,8 @@ def _hydra_finetune(cfg: DictConfig) -> None:
 
     try:
         run_finetune(cfg, cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
+    except Preempted as e:  # as in _hydra_pretrain
+        e.exit()
     except SSLKitError as e:
         print(f"\n[sslkit] error: {e}", file=sys.stderr)
         sys.exit(2)

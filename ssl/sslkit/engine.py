@@ -22,6 +22,7 @@ from sslkit.data import build_pretrain_loader, build_source
 from sslkit.errors import CheckpointError, ConfigError, TrainingError
 from sslkit.methods import Method, build_method
 from sslkit.optim import apply_schedule, build_optimizer
+from sslkit.preemption import PreemptionGuard, ranks_agree
 from sslkit.runlog import RunLogger
 from sslkit.schedules import OptimSchedule
 
@@ -135,7 +136,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             step=step, data_state=loader.state_dict(), rng=ckpt_io.rng_state(), config=plain, derived=asdict(d),
             wandb_id=log.wandb_id, metrics=metrics)
 
-    it: Iterator[dict[str, torch.Tensor]] = iter(loader)
+    preempt = PreemptionGuard(agree=ranks_agree(rt.device)).install()  # SIGTERM/USR1/USR2: stop after the step
+    it: Iterator[dict[str, torch.Tensor]] = iter(loader)  # (workers fork after install: they inherit the handlers)
     method.train()
     metrics: dict[str, float] = {}
     t0, imgs = time.perf_counter(), 0
@@ -175,7 +177,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             if tc.keep_every and step % tc.keep_every == 0:
                 save(run_dir / "checkpoints" / f"step_{step}.pt", metrics)
                 ckpt_io.prune(run_dir / "checkpoints", int(tc.keep_last))
+            if step < stop and preempt.should_stop():  # agreed by all ranks: checkpoint, then cli exits/requeues
+                if step % tc.ckpt_every:  # (else last.pt holds this step already)
+                    save(run_dir / "checkpoints" / "last.pt", metrics)
+                raise preempt.preempted(step, str(run_dir / "checkpoints" / "last.pt"))
     finally:
+        preempt.restore()
         log.close()
         loader.close()  # stop persistent workers
     return TrainResult(run_dir, step, d, metrics, method)
