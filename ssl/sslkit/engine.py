@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import sslkit
 from sslkit import checkpoint as ckpt_io
+from sslkit import distributed
 from sslkit.config import Derived, derive, to_plain
 from sslkit.data import build_pretrain_loader, build_source
 from sslkit.errors import CheckpointError, ConfigError, TrainingError
@@ -91,17 +92,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     run_dir = Path(run_dir)
     tc = cfg.trainer
     rt = setup_runtime(tc)
+    dd = distributed.setup(str(tc.strategy), rt.device, bool(tc.ddp_find_unused))  # process group, cuda:LOCAL_RANK
+    rt.device = dd.device
     seed_everything(int(tc.seed), bool(tc.deterministic) and rt.device.type == "cpu")
 
-    method = build_method(cfg).to(rt.device)
+    method = build_method(cfg).to(rt.device)  # the same init on every rank
+    dd.seed_rank(int(tc.seed))
     source = build_source(cfg.data)
-    d = derive(cfg, len(source))
-    opt = build_optimizer(method, cfg.optim, d.lr)
+    d = derive(cfg, len(source), dd.world_size)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
     sched = OptimSchedule(d.total_steps, d.lr, float(cfg.optim.min_lr), d.warmup_steps,
                           float(cfg.optim.weight_decay), cfg.optim.weight_decay_end)
 
-    step, batches, wandb_id = 0, 0, None
+    step, wandb_id = 0, None
     state = ckpt_io.find_resume(run_dir, str(tc.resume))
     if state is not None:
         if state["method"] != method.name or state["model_config"]["name"] != method.model_config["name"]:
@@ -109,32 +112,40 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                                   f"into {method.name}/{method.model_config['name']}: use a new hydra.run.dir or "
                                   f"trainer.resume=never")
         method.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    fwd = dd.wrap(method, rt.amp_dtype)  # DDP / FSDP2 (in place) / the method itself
+    opt = build_optimizer(method, cfg.optim, d.lr)  # after wrapping: FSDP2 replaces the parameters
+    if state is not None:
+        dd.load_optimizer_state(method, opt, state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        ckpt_io.set_rng_state(state["rng"])
-        step, batches, wandb_id = int(state["step"]), int(state["data_state"]["batches_consumed"]), state["wandb_id"]
-        print(f"[sslkit] resumed from step {step} in {run_dir}")
+        ckpt_io.set_rng_state(dd.rank_rng(state))
+        step, wandb_id = int(state["step"]), state["wandb_id"]
+        if dd.is_main:
+            print(f"[sslkit] resumed from step {step} in {run_dir}")
 
     method.begin(step, d)
     plain = to_plain(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml({**plain, "derived": asdict(d)}))
-    print("[sslkit] derived: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                           for k, v in asdict(d).items()))
+    if dd.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml({**plain, "derived": asdict(d)}))
+        print("[sslkit] derived: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in asdict(d).items()))
     loader = build_pretrain_loader(source, cfg.data, cfg.method.view, method.masking(), seed=int(tc.seed),
-                                   start_batch=batches, device=rt.device.type)
+                                   start_state=state["data_state"] if state else None, device=rt.device.type,
+                                   rank=dd.rank, world_size=dd.world_size)
     log = RunLogger(run_dir, cfg.logger.wandb, {**plain, "derived": asdict(d)}, d.total_steps, step, wandb_id,
-                    bool(tc.progress))
-    fwd = torch.compile(method) if tc.compile else method
+                    bool(tc.progress), is_main=dd.is_main)
+    fwd = torch.compile(fwd) if tc.compile else fwd
     autocast = (lambda: torch.autocast(rt.device.type, dtype=rt.amp_dtype)) if rt.amp_dtype else nullcontext
 
-    def save(path: Path, metrics: dict[str, float]) -> None:
-        ckpt_io.save_training_state(
-            path, sslkit_version=sslkit.__version__, method=method.name, model_config=method.model_config,
-            backbone_prefix=method.backbone_prefix,
-            model=ckpt_io.unwrap(method).state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-            step=step, data_state=loader.state_dict(), rng=ckpt_io.rng_state(), config=plain, derived=asdict(d),
-            wandb_id=log.wandb_id, metrics=metrics)
+    def save(path: Path, metrics: dict[str, float]) -> None:  # every rank calls it (FSDP gathers); rank 0 writes
+        model_sd, opt_sd, rngs = dd.model_state(method), dd.optimizer_state(method, opt), dd.gather_rng(ckpt_io.rng_state())
+        if dd.is_main:
+            ckpt_io.save_training_state(
+                path, sslkit_version=sslkit.__version__, method=method.name, model_config=method.model_config,
+                backbone_prefix=method.backbone_prefix, model=model_sd, optimizer=opt_sd, scaler=scaler.state_dict(),
+                step=step, data_state=loader.state_dict(), rng=rngs[0], rng_ranks=rngs, config=plain,
+                derived=asdict(d), wandb_id=log.wandb_id, metrics=metrics)
+        dd.barrier()  # nobody reads the checkpoint before it is complete
 
     preempt = PreemptionGuard(agree=ranks_agree(rt.device)).install()  # SIGTERM/USR1/USR2: stop after the step
     it: Iterator[dict[str, torch.Tensor]] = iter(loader)  # (workers fork after install: they inherit the handlers)
@@ -147,18 +158,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             lr, wd = sched.lr_at(step), sched.wd_at(step)
             apply_schedule(opt, lr, wd)
             terms: dict[str, float] = {}
-            for _ in range(int(tc.accum_steps)):
+            for micro in range(int(tc.accum_steps)):
                 batch = to_device(next(it), rt.device)
-                with autocast():
-                    out = fwd(batch)
-                check_finite(out, step)
-                scaler.scale(out["loss"] / tc.accum_steps).backward()
+                with dd.grad_sync(micro == tc.accum_steps - 1):  # no gradient all-reduce on non-final micro-steps
+                    with autocast():
+                        out = fwd(batch)
+                    check_finite(out, step)
+                    scaler.scale(out["loss"] / tc.accum_steps).backward()
                 for k, v in out.items():
                     terms[k] = terms.get(k, 0.0) + float(v.detach()) / tc.accum_steps
                 imgs += batch["index"].shape[0]  # source images (a multi-crop batch has several views each)
             if cfg.optim.clip_grad:
                 scaler.unscale_(opt)
-                terms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad))
+                terms["grad_norm"] = dd.clip_grad_norm(method, cfg.optim.clip_grad)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -166,9 +178,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             terms.update(method.after_step(step, d.total_steps))
             if step % tc.log_every == 0 or step == stop:
                 dt = time.perf_counter() - t0
-                metrics = {**terms, "lr": lr, "wd": wd, "images_per_s": imgs / max(dt, 1e-9), "epoch": step / d.steps_per_epoch}
+                metrics = {**dd.mean(terms), "lr": lr, "wd": wd, "images_per_s": imgs * dd.world_size / max(dt, 1e-9),
+                           "epoch": step / d.steps_per_epoch}  # metrics averaged over ranks, images of all ranks
                 log.log(step, metrics)
-                log.progress(step, {"loss": terms["loss"], "lr": lr, "img/s": metrics["images_per_s"]})
+                log.progress(step, {"loss": metrics["loss"], "lr": lr, "img/s": metrics["images_per_s"]})
                 t0, imgs = time.perf_counter(), 0
             else:
                 log.progress(step)
@@ -176,7 +189,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 save(run_dir / "checkpoints" / "last.pt", metrics)
             if tc.keep_every and step % tc.keep_every == 0:
                 save(run_dir / "checkpoints" / f"step_{step}.pt", metrics)
-                ckpt_io.prune(run_dir / "checkpoints", int(tc.keep_last))
+                if dd.is_main:
+                    ckpt_io.prune(run_dir / "checkpoints", int(tc.keep_last))
             if step < stop and preempt.should_stop():  # agreed by all ranks: checkpoint, then cli exits/requeues
                 if step % tc.ckpt_every:  # (else last.pt holds this step already)
                     save(run_dir / "checkpoints" / "last.pt", metrics)
@@ -185,4 +199,5 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         preempt.restore()
         log.close()
         loader.close()  # stop persistent workers
+        dd.teardown()  # destroys the process group if setup() made it
     return TrainResult(run_dir, step, d, metrics, method)
