@@ -43,6 +43,45 @@ def test_corrupt_and_foreign_files_fail_with_fix(tmp_path):
         ck.load(tmp_path / "missing.pt")
 
 
+class _RunsCode:
+    def __reduce__(self):  # unpickling would call print(...): any callable could be here
+        return (print, ("unpickled arbitrary code",))
+
+
+def test_pickle_with_arbitrary_objects_and_truncated_files_are_refused(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": ck.FORMAT_VERSION, "model": {}, "x": _RunsCode()}, evil)
+    with pytest.raises(CheckpointError, match=r"pickled Python objects .*\(.*print\).*weights_only=True"):
+        ck.load(evil)
+    assert "unpickled arbitrary code" not in capsys.readouterr().out
+    good = tmp_path / "good.pt"
+    ck.save_training_state(good, step=1, model={"w": torch.randn(1000)})
+    data = good.read_bytes()
+    for cut in (len(data) // 2, len(data) - 10):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="corrupt or truncated"):
+            ck.load(tmp_path / "cut.pt")
+
+
+def test_saving_non_plain_objects_fails_before_writing(tmp_path):
+    from omegaconf import OmegaConf
+
+    p = tmp_path / "last.pt"
+    ck.save_training_state(p, step=1)
+    with pytest.raises(TypeError, match=r"checkpoint\['model_config'\]\['kwargs'\]\['dims'\] is a omegaconf"):
+        ck.save_training_state(p, step=2, model_config={"kwargs": {"dims": OmegaConf.create([1, 2])}})
+    assert ck.load(p)["step"] == 1  # the good checkpoint is untouched
+
+
+def test_model_kwargs_lists_from_yaml_are_plain_in_the_checkpoint():
+    from sslkit.cli import compose
+    from sslkit.methods import build_method
+
+    m = build_method(compose(["model=sslkit_pvt_test", "++model.kwargs.depths=[1,1,1,1]"]))
+    assert type(m.model_config["kwargs"]["depths"]) is list
+    ck.check_plain(m.model_config)
+
+
 def test_find_resume_falls_back_to_newest_readable(tmp_path):
     d = tmp_path / "checkpoints"
     ck.save_training_state(d / "step_2.pt", step=2)

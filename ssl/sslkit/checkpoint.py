@@ -11,6 +11,7 @@ crash never leaves a half-written ``last.pt``.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import warnings
@@ -81,6 +82,16 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
                               f"to start a new run")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        if found or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} contains pickled Python objects that are not tensors or plain containers "
+                f"({', '.join(found) or 'a disallowed global'}); sslkit only loads "
+                f"checkpoints with torch.load(weights_only=True) and will not execute arbitrary pickles. If you "
+                f"trust the file, re-save its tensors as a plain dict (or safetensors) and load that") from e
+        raise CheckpointError(f"checkpoint {path} cannot be read (UnpicklingError: {e}); it is corrupt or "
+                              f"truncated: use an older checkpoints/step_<N>.pt") from e
     except Exception as e:  # truncated / corrupt / not a torch file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is corrupt or "
                               f"truncated: use an older checkpoints/step_<N>.pt") from e
@@ -125,8 +136,27 @@ def find_resume(run_dir: Path, resume: str) -> Optional[dict[str, Any]]:
     return best
 
 
+_PLAIN = (torch.Tensor, int, float, str, bool, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def check_plain(obj: Any, where: str = "checkpoint") -> None:
+    """Raise if ``obj`` holds anything ``torch.load(weights_only=True)`` would refuse (e.g. an OmegaConf
+    ListConfig), so an unloadable checkpoint is never written over a good one."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints hold only "
+                        f"tensors, numbers, strings and plain lists/dicts (convert configs with OmegaConf.to_container)")
+
+
 def save_training_state(path: Path, **fields: Any) -> None:
-    atomic_save({"format_version": FORMAT_VERSION, **fields}, path)
+    obj = {"format_version": FORMAT_VERSION, **fields}
+    check_plain(obj)
+    atomic_save(obj, path)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

@@ -52,7 +52,7 @@ def summarize(cfg: DictConfig, result: Any) -> Optional[dict[str, float]]:
     whose loss takes single images), and kNN accuracy of the frozen encoder on held-out labelled data,
     against a randomly initialized encoder and raw pixels."""
     from sslkit.data import SubsetSource, build_eval_loader, build_source
-    from sslkit.evaluation import extract_features, knn_classify
+    from sslkit.evaluation import extract_features, knn_classify, raw_pixels
     from sslkit.methods import build_method
 
     rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -95,7 +95,7 @@ def summarize(cfg: DictConfig, result: Any) -> Optional[dict[str, float]]:
             out[f"heldout_loss_{label}"] = tot / n
     # 2) kNN on frozen features
     for label, embed in [("pretrained", result.method.features), ("random_init", random_init.features),
-                         ("raw_pixels", lambda x: x.flatten(1) - x.flatten(1).mean(1, keepdim=True))]:
+                         ("raw_pixels", raw_pixels)]:
         (trf, try_), (tef, tey) = [extract_features(embed, ld, device) for ld in loaders]
         out[f"knn_top1_{label}"] = knn_classify(trf, try_, tef, tey)["top1"]
     n_cls = len(test_src.classes)
@@ -272,33 +272,35 @@ class EvalFeatures(NamedTuple):
     data: dict[str, Any]  # the data config the splits were built from
 
 
+def split_features(embeds: dict[str, Any], data_cfg: DictConfig, size: int,
+                   device: torch.device = torch.device("cpu")) -> tuple[dict[str, tuple[torch.Tensor, ...]], list[str]]:
+    """Features of every ``embeds[name]`` ((B, 3, S, S) -> (B, C)) on the train and val splits, decoding
+    the images once: ``{name: (train_f, train_y, val_f, val_y)}`` (L2-normalized, CPU) and the class names."""
+    from sslkit.data import build_eval_loader, build_source
+    from sslkit.evaluation import eval_split_configs, extract_features_multi
+
+    per_split, classes = [], []
+    for c in eval_split_configs(data_cfg).values():
+        src = build_source(c)  # DataError for an empty split
+        classes = list(src.classes)
+        per_split.append(extract_features_multi(embeds, build_eval_loader(src, c, size), device))
+    (tr, try_), (va, vy) = per_split
+    return {k: (tr[k], try_, va[k], vy) for k in embeds}, classes
+
+
 def eval_features(checkpoint: str | Path, data_overrides: list[str]) -> EvalFeatures:
     """Load the backbone of ``checkpoint`` and extract its pooled pre-logit features (``embed``) on the
-    train and val splits of the checkpoint's data config, or of ``data=...`` / ``data.*`` overrides
-    (then composed from the packaged defaults, not merged with the checkpoint's). Synthetic data has no
-    split: train = the config's images, val = 512 images of seed + 1000. Shared by kNN and linear."""
-    from sslkit.data import build_eval_loader, build_source
-    from sslkit.evaluation import extract_features
+    train and val splits (``eval_split_configs``) of the checkpoint's data config, or of ``data=...`` /
+    ``data.*`` overrides (then composed from the packaged defaults, not merged with the checkpoint's).
+    Shared by kNN and linear."""
     from sslkit.methods.base import embed
 
     model, ckpt, _ = load_backbone(checkpoint, for_finetune=False)  # CheckpointError if missing / not ours
     model.eval()
     data_cfg = compose(list(data_overrides)).data if data_overrides else OmegaConf.create(ckpt["config"]["data"])
     size = int(ckpt["config"]["method"]["view"]["size"])
-    out, classes = [], []
-    for split in ("train", "val"):
-        c = copy.deepcopy(data_cfg)
-        with open_dict(c):
-            if c.name == "synthetic":
-                c.seed = int(c.seed) + (1000 if split == "val" else 0)
-                c.num_samples = 512 if split == "val" else c.num_samples
-            else:
-                c.split = split
-        src = build_source(c)  # DataError for an empty split
-        classes = list(src.classes)
-        out.append(extract_features(lambda x: embed(model, x), build_eval_loader(src, c, size), torch.device("cpu")))
-    (trf, try_), (vf, vy) = out
-    return EvalFeatures(trf, try_, vf, vy, classes, ckpt, OmegaConf.to_container(data_cfg, resolve=True))
+    feats, classes = split_features({"model": lambda x: embed(model, x)}, data_cfg, size)
+    return EvalFeatures(*feats["model"], classes, ckpt, OmegaConf.to_container(data_cfg, resolve=True))
 
 
 def eval_knn(checkpoint: str | Path, data_overrides: list[str], k: int = 20, temperature: float = 0.07,

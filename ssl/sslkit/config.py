@@ -200,6 +200,9 @@ class TrainerConfig:
     progress: bool = True
     deterministic: bool = True  # torch.use_deterministic_algorithms(warn_only) on CPU
     summary: bool = True  # print "what it learned" (kNN on the data's labels) at the end
+    knn_every: Optional[int] = None  # online kNN of the frozen encoder every N steps (logged); None = off
+    knn_train_samples: int = 2000  # labelled train / val images of the online kNN (even stride per split)
+    knn_val_samples: int = 500
 
 
 @dataclass

@@ -21,6 +21,7 @@ from sslkit import distributed
 from sslkit.config import Derived, derive, to_plain
 from sslkit.data import build_pretrain_loader, build_source
 from sslkit.errors import CheckpointError, ConfigError, TrainingError
+from sslkit.evaluation import OnlineKNN
 from sslkit.methods import Method, build_method
 from sslkit.optim import apply_schedule, build_optimizer
 from sslkit.preemption import PreemptionGuard, ranks_agree
@@ -134,6 +135,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                                    rank=dd.rank, world_size=dd.world_size)
     log = RunLogger(run_dir, cfg.logger.wandb, {**plain, "derived": asdict(d)}, d.total_steps, step, wandb_id,
                     bool(tc.progress), is_main=dd.is_main)
+    online_knn = (OnlineKNN(cfg.data, int(cfg.method.view.size), int(tc.knn_every), int(tc.knn_train_samples),
+                            int(tc.knn_val_samples)) if tc.knn_every else None)
     fwd = torch.compile(fwd) if tc.compile else fwd
     autocast = (lambda: torch.autocast(rt.device.type, dtype=rt.amp_dtype)) if rt.amp_dtype else nullcontext
 
@@ -176,7 +179,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             opt.zero_grad(set_to_none=True)
             step += 1
             terms.update(method.after_step(step, d.total_steps))
-            if step % tc.log_every == 0 or step == stop:
+            evals = online_knn(step, method) if online_knn else {}
+            terms.update(evals)
+            if step % tc.log_every == 0 or step == stop or evals:
                 dt = time.perf_counter() - t0
                 metrics = {**dd.mean(terms), "lr": lr, "wd": wd, "images_per_s": imgs * dd.world_size / max(dt, 1e-9),
                            "epoch": step / d.steps_per_epoch}  # metrics averaged over ranks, images of all ranks

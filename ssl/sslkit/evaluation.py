@@ -15,12 +15,98 @@ from sslkit.errors import ConfigError, DataError, TrainingError
 
 @torch.no_grad()
 def extract_features(embed: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, labels = [], []
+    """L2-normalized features (N, C) of ``embed`` over ``loader`` and the labels (N,)."""
+    feats, labels = extract_features_multi({"f": embed}, loader, device)
+    return feats["f"], labels
+
+
+def raw_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The raw-pixel baseline "encoder": each image flattened and mean-centred, (B, 3, H, W) -> (B, 3HW)."""
+    x = images.flatten(1)
+    return x - x.mean(1, keepdim=True)
+
+
+@torch.no_grad()
+def extract_features_multi(embeds: dict[str, Callable[[torch.Tensor], torch.Tensor]], loader,
+                           device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``extract_features`` for several encoders in one pass over ``loader`` (images decoded once)."""
+    feats: dict[str, list[torch.Tensor]] = {k: [] for k in embeds}
+    labels = []
     for batch in loader:
-        f = embed(batch["images"].to(device))  # (B, C)
-        feats.append(F.normalize(f.float(), dim=1).cpu())
+        x = batch["images"].to(device)
+        for k, embed in embeds.items():
+            feats[k].append(F.normalize(embed(x).float(), dim=1).cpu())  # (B, C)
         labels.append(batch["labels"])
-    return torch.cat(feats), torch.cat(labels)
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
+
+
+def eval_split_configs(data_cfg: Any) -> dict[str, Any]:
+    """The train / val data configs of evaluation. Synthetic data has no split: train = the config's
+    images, val = 512 images of seed + 1000; other sources use ``data.split`` (see ``split_indices``)."""
+    import copy
+
+    from omegaconf import open_dict
+
+    out = {}
+    for split in ("train", "val"):
+        c = copy.deepcopy(data_cfg)
+        with open_dict(c):
+            if c.name == "synthetic":
+                c.seed = int(c.seed) + (1000 if split == "val" else 0)
+                c.num_samples = 512 if split == "val" else c.num_samples
+            else:
+                c.split = split
+        out[split] = c
+    return out
+
+
+def eval_sources(data_cfg: Any, max_train: Optional[int] = None, max_val: Optional[int] = None) -> tuple[Any, Any]:
+    """The train and val sources of ``eval_split_configs``, each thinned to at most ``max_*`` samples by
+    an even stride over the samples sorted by class, so every class keeps its share."""
+    import numpy as np
+
+    from sslkit.data import SubsetSource, build_source
+
+    out = []
+    for c, cap in zip(eval_split_configs(data_cfg).values(), (max_train, max_val)):
+        src = build_source(c)  # DataError for an empty split
+        if cap is not None and len(src) > cap:
+            by_class = np.argsort(np.asarray(src.labels()), kind="stable")
+            src = SubsetSource(src, np.sort(by_class[(np.arange(cap) * len(src)) // cap]))
+        out.append(src)
+    return out[0], out[1]
+
+
+class OnlineKNN:
+    """kNN top-1 / top-5 (k=20, T=0.07) of ``method.features`` on a small labelled split, every ``every``
+    optimizer steps of pretraining: the loop calls ``online_knn(step, method)`` after each step and logs
+    what it returns (``{}`` on other steps). Runs in eval mode under ``torch.no_grad`` with the RNG state
+    forked, so it does not change the training run (resume stays exact)."""
+
+    def __init__(self, data_cfg: Any, size: int, every: int, max_train: int, max_val: int,
+                 k: int = 20, temperature: float = 0.07) -> None:
+        from sslkit.data import build_eval_loader
+
+        if every <= 0:
+            raise ConfigError(f"trainer.knn_every={every}: use a positive number of steps, or null to turn it off")
+        self.every, self.k, self.temperature = int(every), int(k), float(temperature)
+        train_src, val_src = eval_sources(data_cfg, max_train, max_val)
+        self.num_classes = len(train_src.classes)
+        self.loaders = [build_eval_loader(s, data_cfg, size, num_workers=0) for s in (train_src, val_src)]
+
+    def __call__(self, step: int, method: Any) -> dict[str, float]:
+        if step % self.every:
+            return {}
+        device = next(method.parameters()).device
+        was_training = method.training
+        with torch.random.fork_rng(devices=[]):  # the eval loaders draw a base seed from the global RNG
+            method.eval()
+            try:
+                (trf, try_), (vf, vy) = [extract_features(method.features, ld, device) for ld in self.loaders]
+            finally:
+                method.train(was_training)
+        res = knn_classify(trf, try_, vf, vy, k=self.k, temperature=self.temperature, num_classes=self.num_classes)
+        return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
 
 
 @torch.no_grad()

@@ -102,7 +102,7 @@ def print_table(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sslkit.bench import dinov2, dropblock, umae  # noqa: F401  (registers)
+    from sslkit.bench import dinov2, dropblock, quality, umae  # noqa: F401  (registers)
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("name", choices=sorted(BENCHMARKS))
@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=None, help="comma-separated subset of models")
     p.add_argument("--official", default=None,
                    help="(umae) path to a checkout of the official UM-MAE code to measure side by side")
+    p.add_argument("--data", default=None, help="(quality) the CIFAR-10 tar (default ../shared/data/cifar10-train.tar)")
+    p.add_argument("--runs", default=None, help="(quality) where the pretraining runs go (default runs/quality)")
+    p.add_argument("--steps", type=int, default=None, help="(quality) pretraining steps instead of the experiment's epochs")
+    p.add_argument("--override", action="append", help="(quality) extra config override, repeatable")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = BENCHMARKS[args.name](args)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import timm
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from sslkit.errors import ConfigError
@@ -30,7 +31,10 @@ def create_backbone(model_cfg: Any, **overrides: Any) -> tuple[nn.Module, dict[s
 
     kwargs: dict[str, Any] = {"num_classes": 0, "drop_path_rate": float(model_cfg.drop_path_rate),
                               "img_size": int(model_cfg.img_size)}
-    kwargs.update(dict(model_cfg.kwargs or {}))
+    extra = model_cfg.kwargs or {}
+    if OmegaConf.is_config(extra):  # plain lists / dicts: the kwargs go into the checkpoint (weights_only)
+        extra = OmegaConf.to_container(extra, resolve=True)
+    kwargs.update(extra)
     kwargs.update(overrides)
     name = str(model_cfg.name)
     if not timm.is_model(name):
