@@ -126,6 +126,9 @@ def find_resume(run_dir: Path, resume: str) -> Optional[dict[str, Any]]:
     for p in candidates:
         if not p.exists():
             continue
+        m = _STEP_RE.match(p.name)
+        if best is not None and m and int(m.group(1)) <= best["step"]:
+            break  # step files come newest first: none of the rest is newer, do not load them
         try:
             ckpt = load(p)
         except CheckpointError as e:
