@@ -1,0 +1,137 @@
+"""Launching and sweeping: the SLURM launcher preset yields the right sbatch script (submitted to a fake
+``sbatch``), a real two-point sweep through hydra/launcher=local (submitit, subprocesses) writes each
+point's config, metrics and checkpoint, and the sweep summary reads them back."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslkit.sweep import format_table, summarize_sweep
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+submitit = pytest.importorskip("submitit")
+
+PRETRAIN = Path(__file__).resolve().parents[1] / "scripts" / "pretrain.py"  # = the sslkit-pretrain script
+TINY = ["experiment=umae_demo", "data.num_samples=64", "data.batch_size=8", "trainer.max_steps=2",
+        "trainer.summary=false", "logger.wandb.mode=disabled", "trainer.progress=false", "data.num_workers=0"]
+
+
+def _fake_slurm_bin(tmp_path: Path) -> Path:
+    """``srun`` (submitit checks that it exists) and an ``sbatch`` that keeps a copy of the script."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" "{tmp_path}/sbatch_script.sh"\necho "Submitted batch job 4242"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    return bin_dir
+
+
+def test_slurm_launcher_writes_the_sbatch_script(tmp_path, monkeypatch):
+    """Compose with hydra/launcher=slurm, instantiate hydra-submitit-launcher's SlurmLauncher from it and
+    launch a 2-point sweep against a fake sbatch: the real plugin + submitit code writes the job-array
+    script and the pickled (checkpointable = requeueable) jobs."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.utils import setup_globals
+    from hydra.types import HydraContext
+    from hydra.utils import instantiate
+
+    from sslkit.cli import _hydra_pretrain, config_dir
+    from sslkit.config import register_configs
+
+    monkeypatch.setenv("PATH", f"{_fake_slurm_bin(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(submitit.core.core.Job, "results", lambda self: [None])  # do not wait for the fake job
+    register_configs()
+    setup_globals()
+    overrides = ["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.partition=gpu",
+                 "hydra.launcher.nodes=2", "hydra.launcher.qos=high", "hydra.launcher.account=vision",
+                 "hydra.launcher.constraint=a100", "hydra.launcher.timeout_min=600"]
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        cfg = compose(config_name="pretrain", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 8  # one task per GPU
+    launcher = instantiate(cfg.hydra.launcher)
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(config_dir()))
+    launcher.setup(hydra_context=HydraContext(config_loader=loader, callbacks=Callbacks(cfg)),
+                   task_function=_hydra_pretrain, config=cfg)
+    launcher.launch([["optim.blr=1e-4"], ["optim.blr=3e-4"]], initial_job_idx=0)
+
+    script = (tmp_path / "sbatch_script.sh").read_text()
+    flags = {line.split("=", 1)[0][len("#SBATCH --"):]: (line.split("=", 1) + [""])[1]
+             for line in script.splitlines() if line.startswith("#SBATCH --")}
+    sig = submitit.JobEnvironment.USR_SIG  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+    assert flags["partition"] == "gpu" and flags["nodes"] == "2" and flags["qos"] == "high"
+    assert flags["account"] == "vision" and flags["constraint"] == "a100"
+    assert flags["gpus-per-node"] == "8" and flags["ntasks-per-node"] == "8" and flags["cpus-per-task"] == "10"
+    assert flags["mem"] == "480GB" and flags["time"] == "600"
+    assert flags["signal"] == f"{sig}@120"  # checkpoint signal 2 min before the time limit
+    assert "requeue" in flags and flags["array"] == "0-1%2"  # 2 points, at most 16 at once
+    assert "srun" in script and "submitit.core._submit" in script
+    # each point's pickled job is checkpointable (submitit requeues it) and allows 20 timeouts
+    pickles = sorted((tmp_path / "sweep" / ".submitit").rglob("*_submitted.pkl"))
+    assert len(pickles) == 2
+    delayed = pickle.loads(pickles[0].read_bytes())
+    assert hasattr(delayed.function, "checkpoint") and delayed._timeout_countdown == 20
+    assert sorted(a[0][0] for a in (pickle.loads(p.read_bytes()).args for p in pickles)) == ["optim.blr=1e-4",
+                                                                                             "optim.blr=3e-4"]
+
+
+def test_local_sweep_writes_every_point(tmp_path):
+    """``sslkit-pretrain -m hydra/launcher=local trainer.seed=0,1``: submitit runs each point as its own
+    process; every point has its resolved config, metrics and a loadable checkpoint at the last step."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(PRETRAIN), "-m", "hydra/launcher=local", *TINY, "trainer.seed=0,1",
+           f"hydra.sweep.dir={sweep}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name for p in jobs] == ["0_umae_demo", "1_umae_demo"]
+    finals = []
+    for seed, job in enumerate(jobs):
+        ck = torch.load(job / "checkpoints" / "last.pt", weights_only=True)
+        assert ck["step"] == 2 and ck["config"]["trainer"]["seed"] == seed
+        assert (job / "config.yaml").is_file() and (job / ".hydra" / "overrides.yaml").is_file()
+        rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == 2
+        finals.append(rows[-1]["loss"])
+    rows = summarize_sweep(sweep)
+    assert [r["varying"] for r in rows] == [{"trainer.seed": "0"}, {"trainer.seed": "1"}]
+    assert [r["status"] for r in rows] == ["done", "done"] and [r["final"]["loss"] for r in rows] == finals
+    assert finals[0] != finals[1]  # different seeds, different runs
+
+
+def test_summarize_sweep_marks_incomplete_points_and_merges_results(tmp_path, capsys):
+    def job(name: str, overrides: list[str], rows: list[dict], total: int, results: dict | None = None) -> None:
+        d = tmp_path / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (d / "config.yaml").write_text(f"derived:\n  total_steps: {total}\n")
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')  # torn
+        if results:
+            (d / "summary.json").write_text(json.dumps(results))
+
+    job("1_umae_demo", ["experiment=umae_demo", "optim.blr=3e-4"], [{"step": 4, "time": 0, "loss": 0.5}], 4,
+        {"knn_top1_pretrained": 40.0})
+    job("0_umae_demo", ["experiment=umae_demo", "optim.blr=1e-4"],
+        [{"step": 2, "time": 0, "loss": 0.9}, {"step": 3, "time": 0, "loss": 0.7}], 4)
+    (tmp_path / ".submitit").mkdir()  # not a run dir
+    rows = summarize_sweep(tmp_path)
+    assert [r["job"] for r in rows] == ["0_umae_demo", "1_umae_demo"]
+    assert [r["varying"] for r in rows] == [{"optim.blr": "1e-4"}, {"optim.blr": "3e-4"}]  # experiment is fixed
+    assert [(r["step"], r["status"]) for r in rows] == [(3, "incomplete"), (4, "done")]
+    assert rows[0]["final"] == {"loss": 0.7} and rows[1]["results"] == {"knn_top1_pretrained": 40.0}
+    table = format_table(rows).splitlines()
+    assert table[0].split() == ["job", "optim.blr", "step", "status", "loss", "knn_top1_pretrained"]
+    assert table[2].split() == ["0_umae_demo", "1e-4", "3/4", "incomplete", "0.7", "-"]
+    assert table[3].split() == ["1_umae_demo", "3e-4", "4/4", "done", "0.5", "40"]
