@@ -103,11 +103,27 @@ def test_seed_paints_one_block_inside_map(monkeypatch: pytest.MonkeyPatch) -> No
         for plane, i, j in [(0, 0, 0), (5, hv - 1, wv - 1), (2, 1, wv - 1), (3, 2, 3)]:
             seed = torch.tensor([plane * hv * wv + i * wv + j])
             monkeypatch.setattr(db, "_bernoulli_positions", lambda n, p, dev, s=seed: s)
+            monkeypatch.setattr(db, "_DENSE_TRIALS", 0)  # the sparse path (the dense one: next test)
             y = drop_block_2d(torch.ones(2, 3, h, w), 0.1, bs)
             expect = torch.ones(6, h, w)
             expect[plane, i:i + bs, j:j + bs] = 0
             scale = 6 * h * w / (6 * h * w - bs * bs)
             assert torch.allclose(y, (expect * scale).view(2, 3, h, w))
+
+
+@pytest.mark.parametrize("bs", [1, 3, 4, 7, 20])
+def test_dense_and_sparse_paths_paint_the_same_blocks(monkeypatch: pytest.MonkeyPatch, bs: int) -> None:
+    """The dense path (few seed positions: fast mode) paints exactly what the sparse path paints."""
+    h, w, planes = 9, 12, 5
+    bh, bw = min(bs, h), min(bs, w)
+    g = torch.Generator().manual_seed(bs)
+    seeds = torch.rand(planes, h - bh + 1, w - bw + 1, generator=g) < 0.08  # (P, hv, wv)
+    dense = db._paint_dense(seeds, bh, bw, torch.float32)
+    monkeypatch.setattr(db, "_bernoulli_positions", lambda n, p, dev: seeds.flatten().nonzero().flatten())
+    monkeypatch.setattr(db, "_DENSE_TRIALS", 0)
+    sparse = db._block_mask(planes, h, w, bs, 0.1, torch.float32, torch.device("cpu"))
+    assert dense.shape == (planes, h, w) and torch.equal(dense, sparse)
+    assert ((dense == 0).sum(dim=(1, 2)) >= bh * bw * seeds.flatten(1).any(1)).all()
 
 
 def test_identity_in_eval_and_at_zero() -> None:
