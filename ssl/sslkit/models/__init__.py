@@ -2,6 +2,7 @@
 
 ``sslkit_pvt_small`` / ``sslkit_pvt_test`` (pvt.py) and ``sslkit_swin_tiny`` / ``sslkit_swin_test``
 (swin.py) implement the UM-capable pyramid interface in ``docs/backbone_interface.md``.
+``sslkit_resnet50`` / ``sslkit_resnet_test`` (resnet.py) are timm ResNets for fine-tuning with DropBlock.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import timm
 import torch
 
 from sslkit.errors import CheckpointError
-from sslkit.models import pvt, swin, vit  # noqa: F401  (registers the models)
+from sslkit.models import pvt, resnet, swin, vit  # noqa: F401  (registers the models)
 
 
 def convert_um_pretrain_to_finetune(model_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -28,4 +29,4 @@ def convert_um_pretrain_to_finetune(model_name: str, state_dict: Mapping[str, to
     return fn(state_dict)
 
 
-__all__ = ["convert_um_pretrain_to_finetune", "pvt", "swin", "vit"]
+__all__ = ["convert_um_pretrain_to_finetune", "pvt", "resnet", "swin", "vit"]
