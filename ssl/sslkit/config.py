@@ -115,6 +115,30 @@ class SimMIMConfig(MethodConfig):
 
 
 @dataclass
+class DropBlockConfig:
+    """DropBlock placement + schedule (layers/dropblock_placement.py); off by default."""
+
+    preset: str = "none"  # none | resnet_paper (Ghiasi et al. 2018) | resnet_timm (timm's placement) | custom
+    drop_prob: float = 0.1  # target rate = 1 - keep_prob (paper: keep_prob 0.9); group 3 gets a quarter
+    block_size: Optional[int] = None  # None: the preset's (resnet_paper 7, resnet_timm 5 / 3, custom 7)
+    mode: str = "paper"  # paper (a mask per sample and channel) | fast (one per sample)
+    targets: list[str] = field(default_factory=list)  # custom: fnmatch patterns on model.named_modules() names
+    layout: str = "auto"  # custom: auto | nchw | nhwc | tokens ((B, N, C) as a square map)
+    schedule: str = "linear"  # linear (keep_prob 1 -> 1 - drop_prob over the run) | warmup | constant
+    warmup_epochs: float = 0.0  # schedule=warmup: length of the ramp
+
+
+@dataclass
+class MixupConfig:
+    """Mixup / CutMix of fine-tuning batches (soft-target cross-entropy while active); off by default."""
+
+    mixup_alpha: float = 0.0  # lam ~ Beta(a, a); 0 = no mixup (DeiT / MAE fine-tuning: 0.8)
+    cutmix_alpha: float = 0.0  # 0 = no cutmix (DeiT / MAE: 1.0)
+    prob: float = 1.0  # probability that a batch is mixed
+    switch_prob: float = 0.5  # both on: probability of cutmix instead of mixup
+
+
+@dataclass
 class ClassifyConfig(MethodConfig):
     """Supervised fine-tuning / training of a classifier (the same loop and checkpoint format)."""
 
@@ -122,6 +146,10 @@ class ClassifyConfig(MethodConfig):
     checkpoint: Optional[str] = None  # an sslkit pretraining checkpoint; None = from scratch
     num_classes: int = MISSING
     label_smoothing: float = 0.1
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    dropblock: DropBlockConfig = field(default_factory=DropBlockConfig)
+    model_ema: bool = False  # keep an EMA of the weights (evaluated at the end as top1_ema)
+    model_ema_decay: float = 0.9998
 
 
 @dataclass
@@ -230,10 +258,16 @@ class PretrainConfig:
     run_dir: Optional[str] = None  # default: hydra.run.dir
 
 
+@dataclass
+class FinetuneConfig(PretrainConfig):
+    checkpoint: Optional[str] = None  # sslkit-finetune checkpoint=...: alias of method.checkpoint
+
+
 def register_configs() -> None:
     """Register the schemas; the YAML options extend them through their defaults lists."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="finetune_schema", node=FinetuneConfig)
     cs.store(group="method", name="umae_schema", node=UMMAEConfig)
     cs.store(group="method", name="simmim_schema", node=SimMIMConfig)
     cs.store(group="method", name="classify_schema", node=ClassifyConfig)
