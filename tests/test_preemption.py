@@ -71,16 +71,19 @@ def test_guard_agrees_across_ranks():
 
 # ----------------------------------------------------------------------------------------- SIGTERM -> resume
 def test_sigterm_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGTERM to the whole process group (as SLURM signals every process of a step), DataLoader workers
+    included: the run stops after the step with last.pt and exits 143; the same command resumes."""
     steps = 24
     ov = TINY + [f"trainer.max_steps={steps}", "trainer.ckpt_every=1000"]  # last.pt only at the end / on a signal
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, str(REPO / "scripts" / "pretrain.py"), *ov, f"hydra.run.dir={run}"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+    p = subprocess.Popen([sys.executable, str(REPO / "scripts" / "pretrain.py"), *ov, "data.num_workers=2",
+                          f"hydra.run.dir={run}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env(), cwd=tmp_path, start_new_session=True)
     metrics = run / "metrics.jsonl"
     try:
         while p.poll() is None:
             if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-                p.send_signal(signal.SIGTERM)
+                os.killpg(p.pid, signal.SIGTERM)
                 break
             time.sleep(0.02)
         out, err = p.communicate(timeout=300)
@@ -92,7 +95,7 @@ def test_sigterm_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert 2 <= stopped["step"] < steps and stopped["data_state"]["batches_consumed"] == stopped["step"]
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, stopped["step"] + 1))
 
-    # the same config again: resume=auto picks up last.pt (model, optimizer, data position, RNG)
+    # the same config again (in this process, 0 workers: same batches): resume=auto picks up last.pt
     resumed = run_pretrain(compose(ov), run)
     reference = run_pretrain(compose(ov), tmp_path / "reference")
     assert resumed.step == reference.step == steps

@@ -66,6 +66,7 @@ from sslkit.config import DataConfig, MultiCropViewConfig, ViewConfig
 from sslkit.data.sources import UnreadableImageError
 from sslkit.data.views import View, ViewOutput, build_eval_view, build_view
 from sslkit.errors import ConfigError, DataError
+from sslkit.preemption import ignore_in_worker
 
 log = logging.getLogger("sslkit.data")
 
@@ -296,6 +297,7 @@ class PretrainLoader:
             collate_fn=_identity,
             pin_memory=str(device).startswith("cuda"),
             persistent_workers=num_workers > 0,
+            worker_init_fn=ignore_in_worker,  # SIGTERM/USR1/USR2 to the process group: the main process stops
             # DataLoader draws its worker base seed from this, not from the global RNG (unused by us)
             generator=torch.Generator().manual_seed(derive_seed(self.seed, _LOADER, rank)),
         )
@@ -456,4 +458,4 @@ def build_eval_loader(source: Any, cfg: DataConfig, size: int, *, batch_size: Op
     policy = ErrorPolicy(str(cfg.on_error), int(cfg.max_errors), len(source))
     dataset = _EvalSamples(source, build_eval_view(size, cfg.mean, cfg.std), policy)
     return DataLoader(dataset, batch_size=bs, shuffle=False, drop_last=False, num_workers=nw,
-                      collate_fn=_collate_eval)
+                      collate_fn=_collate_eval, worker_init_fn=ignore_in_worker)
