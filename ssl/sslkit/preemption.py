@@ -18,9 +18,9 @@ On restart the same command resumes from the newest complete checkpoint in the r
 (``trainer.resume=auto``). With several ranks the flag is agreed (all-reduce MAX) so that every rank
 stops after the same step: ``ranks_agree(device)`` does this when ``torch.distributed`` is initialized.
 
-DataLoader workers are forked after the guard is installed, so they inherit the flag-only handlers for
-SIGUSR1/SIGUSR2 (whose default action would kill them); call ``ignore_in_worker`` from a
-``worker_init_fn`` to make them ignore SIGTERM too when a scheduler signals the whole process group.
+A scheduler may signal every process of the job, DataLoader workers included: sslkit's loaders use
+``ignore_in_worker`` as ``worker_init_fn`` so a worker neither dies (which would crash the main process
+before its checkpoint) nor acts; the main process stops them when it exits.
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ class Preempted(Exception):
     def exit(self) -> None:
         """Hand over to the handler that was there before sslkit's (submitit's: requeue), then exit
         with ``128 + signum``."""
+        print(f"[sslkit] {self}", file=sys.stderr, flush=True)
         prev = self.previous_handler
         if callable(prev) and prev is not signal.default_int_handler:
             prev(self.signum, None)  # submitit's requeue handler exits itself (SystemExit)
-        print(f"[sslkit] {self}", file=sys.stderr)
         sys.exit(self.exit_code)
 
 
