@@ -131,7 +131,8 @@ def pretrain_main() -> None:
 
 # ----------------------------------------------------------------------------------------- finetune
 def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
-    """Train with method=classify, then report top-1 / top-5 on data.split=val."""
+    """Train with method=classify, then report top-1 / top-5 on data.split=val (and ``top1_ema`` /
+    ``top5_ema`` of the EMA weights with method.model_ema=true)."""
     from sslkit.data import build_eval_loader, build_source
     from sslkit.engine import train
 
@@ -142,19 +143,27 @@ def run_finetune(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     loader = build_eval_loader(build_source(val_cfg), val_cfg, int(cfg.method.view.size))
     model = result.method.eval()
     device = next(model.parameters()).device
-    top1 = top5 = n = 0
+    predictors = {"": model.predict}
+    if getattr(model, "model_ema", None) is not None:
+        predictors["_ema"] = model.predict_ema
+    hits = {s: [0, 0] for s in predictors}  # suffix -> [top-1, top-5] hits
+    n = 0
     with torch.no_grad():
         for batch in loader:
-            logits = model.predict(batch["images"].to(device)).cpu()
-            k = min(5, logits.shape[1])
-            pred = logits.topk(k, dim=1).indices
-            y = batch["labels"]
-            top1 += int((pred[:, 0] == y).sum())
-            top5 += int((pred == y[:, None]).any(1).sum())
+            images, y = batch["images"].to(device), batch["labels"]
+            for s, predict in predictors.items():
+                logits = predict(images).cpu()
+                pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits[s][0] += int((pred[:, 0] == y).sum())
+                hits[s][1] += int((pred == y[:, None]).any(1).sum())
             n += len(y)
-    res = {"top1": 100.0 * top1 / max(1, n), "top5": 100.0 * top5 / max(1, n), "val_images": n, "step": result.step}
+    res: dict[str, Any] = {}
+    for s, (h1, h5) in hits.items():
+        res[f"top1{s}"], res[f"top5{s}"] = 100.0 * h1 / max(1, n), 100.0 * h5 / max(1, n)
+    res.update(val_images=n, step=result.step)
+    ema = f" | EMA weights: top-1 {res['top1_ema']:.2f}%  top-5 {res['top5_ema']:.2f}%" if "_ema" in hits else ""
     print(f"[sslkit] fine-tuned {result.method.model_config['name']}: val top-1 {res['top1']:.2f}%  "
-          f"top-5 {res['top5']:.2f}% on {n} images")
+          f"top-5 {res['top5']:.2f}% on {n} images{ema}")
     (Path(run_dir) / "finetune.json").write_text(json.dumps(res, indent=2))
     return res
 

@@ -36,7 +36,7 @@ def _layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
         raise ConfigError(f"optim.layer_decay < 1 needs a backbone with group_matcher(); {type(backbone).__name__} has none")
     layer_map = group_parameters(backbone, matcher(coarse=False), reverse=True)
     full = {(f"{prefix}.{n}" if prefix else n): i for n, i in layer_map.items()}
-    outside = any(n not in full for n, _ in model.named_parameters())  # decoder, method heads, tokens
+    outside = any(n not in full for n, p in model.named_parameters() if p.requires_grad)  # decoder, heads, tokens (not frozen EMA copies)
     num_layers = max(layer_map.values()) + (2 if outside else 1)  # outside params form the top layer
     return full, num_layers
 

@@ -3,7 +3,8 @@
 Both are timm's own ``ResNet`` class (same module names and state-dict keys as timm's ``resnet50``, so
 timm / torchvision-style weights load unchanged); the registered entry points only add what the sslkit
 model interface passes to every backbone: ``img_size`` is accepted and ignored (a CNN takes any size;
-``ModelConfig.img_size`` is still recorded in the checkpoint's ``model_config``).
+``ModelConfig.img_size`` is still recorded in the checkpoint's ``model_config``), ``um_pretrain=False`` is
+accepted (there is no UM-MAE variant of a ResNet).
 
 - ``sslkit_resnet50``: ResNet-50 (Bottleneck, depths 3-4-6-3, widths 64-128-256-512, 7x7 stem), i.e.
   ``timm.create_model("resnet50")`` with timm's ``resnet50`` pretrained cfgs.
@@ -23,6 +24,13 @@ from timm.models.resnet import resnet50 as _timm_resnet50
 __all__ = ["sslkit_resnet50", "sslkit_resnet_test"]
 
 
+def _sslkit_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs.pop("img_size", None)
+    if kwargs.pop("um_pretrain", False):
+        raise ValueError("ResNets have no UM-MAE pretraining variant (um_pretrain=True)")
+    return kwargs
+
+
 def _resnet_cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "url": "", "num_classes": 0, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
@@ -37,13 +45,11 @@ default_cfgs = generate_default_cfgs({"sslkit_resnet_test": _resnet_cfg(input_si
 @register_model
 def sslkit_resnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """timm's ResNet-50 (``resnet50``), accepting the sslkit ``img_size`` argument (ignored)."""
-    kwargs.pop("img_size", None)
-    return _timm_resnet50(pretrained=pretrained, **kwargs)
+    return _timm_resnet50(pretrained=pretrained, **_sslkit_kwargs(kwargs))
 
 
 @register_model
 def sslkit_resnet_test(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """Tiny Bottleneck ResNet for tests: depths 1-1-2-2, widths 8-16-32-64 (x4 out), stem width 8."""
-    kwargs.pop("img_size", None)
     args: dict[str, Any] = dict(block=Bottleneck, layers=(1, 1, 2, 2), channels=(8, 16, 32, 64), stem_width=8)
-    return build_model_with_cfg(ResNet, "sslkit_resnet_test", pretrained, **dict(args, **kwargs))
+    return build_model_with_cfg(ResNet, "sslkit_resnet_test", pretrained, **dict(args, **_sslkit_kwargs(kwargs)))
