@@ -20,10 +20,24 @@ def test_expected_experiments_exist():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_resolves(experiment):
-    cfg = compose([f"experiment={experiment}"])
+    if experiment.startswith("finetune_"):  # fine-tuning recipes extend the finetune primary config
+        cfg = compose([f"experiment={experiment}"], config_name="finetune")
+    else:
+        cfg = compose([f"experiment={experiment}"])
     OmegaConf.resolve(cfg)
-    assert cfg.method.name in ("umae", "simmim", "dinov2")
+    assert cfg.method.name in ("umae", "simmim", "dinov2", "classify")
     assert cfg.model.img_size == cfg.method.view.size
+
+
+def test_resnet50_dropblock_recipe_builds_the_paper_placement():
+    from sslkit.methods import build_method
+
+    cfg = compose(["experiment=finetune_resnet50_dropblock"], config_name="finetune")
+    assert cfg.model.name == "sslkit_resnet50" and cfg.method.dropblock.preset == "resnet_paper"
+    m = build_method(cfg)
+    # groups 3 (6 blocks) and 4 (3 blocks) x (3 convs + 1 skip), block size 7, group 3 at a quarter of 0.1
+    assert len(m.dropblocks) == 36 and {b.block_size for b in m.dropblocks} == {7}
+    assert sorted(b.rate_factor for b in m.dropblocks) == [0.25] * 24 + [1.0] * 12
 
 
 @pytest.mark.parametrize("group", ["method", "model", "data", "optim", "trainer", "logger"])
