@@ -168,11 +168,14 @@ def runs(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("dist")
     ddp = ["trainer.strategy=ddp", "data.batch_size=4"]
+    fsdp = ["trainer.strategy=fsdp", "data.batch_size=4"]
     _spawn([
         (UMAE + ddp + ["trainer.accum_steps=2", "data.batch_size=2"], str(root / "umae_ddp_accum")),
         (UMAE + ddp + ["trainer.stop_after=2"], str(root / "umae_ddp_resume")),
         (UMAE + ddp, str(root / "umae_ddp_resume")),  # resume=auto from step 2 on 2 ranks
         (DINO + ddp, str(root / "dino_ddp")),
+        (DINO + fsdp + ["trainer.stop_after=2"], str(root / "dino_fsdp")),
+        (DINO + fsdp + ["trainer.summary=true", "data.num_samples=32"], str(root / "dino_fsdp")),  # resume
     ])
     run_pretrain(compose(UMAE + ["data.batch_size=8"]), root / "umae_single")
     run_pretrain(compose(UMAE + ["trainer.accum_steps=2", "data.batch_size=4"]), root / "umae_single_accum")
@@ -207,3 +210,17 @@ def test_ddp_save_resume_is_exact(runs: Path) -> None:
     assert _losses(runs / "umae_ddp_resume") == pytest.approx(_losses(runs / "umae_single"), rel=1e-5)
     rows = [json.loads(x) for x in (runs / "umae_ddp_resume" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_fsdp2_dinov2_save_resume_equals_one_process(runs: Path) -> None:
+    """FSDP2 (fully_shard) on gloo: stop at 2, resume to 4 (full state dicts gathered on rank 0 and
+    re-sharded) == one process; the checkpoint has the single-process format (same model keys, optimizer
+    state by parameter index); rank 0 summarizes from a gathered plain copy."""
+    a, b = ck.load(runs / "dino_fsdp" / "checkpoints" / "last.pt"), ck.load(runs / "dino_single" / "checkpoints" / "last.pt")
+    _assert_close(a["model"], b["model"], atol=1e-5)
+    assert all(not hasattr(v, "placements") for v in a["model"].values())  # plain tensors, not DTensors
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for i, st in b["optimizer"]["state"].items():
+        _assert_close(a["optimizer"]["state"][i], st, atol=1e-6)
+    assert _losses(runs / "dino_fsdp") == pytest.approx(_losses(runs / "dino_single"), rel=1e-5)
+    assert "knn_top1_pretrained" in json.loads((runs / "dino_fsdp" / "summary.json").read_text())

@@ -42,7 +42,7 @@ def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> Any:
     from sslkit.engine import train
 
     result = train(cfg, run_dir)
-    if cfg.trainer.summary:
+    if cfg.trainer.summary and result.is_main:  # distributed runs: rank 0 summarizes
         summarize(cfg, result)
     return result
 

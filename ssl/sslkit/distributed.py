@@ -281,7 +281,8 @@ class Dist:
         names = _param_names(method, opt)
         index = {n: i for i, n in enumerate(names)}
         state = {index[n]: s for n, s in full["state"].items()}
-        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
+        groups = [{**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()},  # betas: as torch has them
+                   "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
         return {"state": state, "param_groups": groups}
 
     def load_optimizer_state(self, method: nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
@@ -294,7 +295,27 @@ class Dist:
         names = _param_names(method, opt)
         full = {"state": {names[int(i)]: s for i, s in sd["state"].items()},
                 "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
-        set_optimizer_state_dict(method, opt, full, options=StateDictOptions(full_state_dict=True))
+        # strict=False: parameters that never had a gradient yet (DINOv2's frozen last head layer) have no
+        # state; DCP initializes one for them (a zero-gradient step), which is dropped again so that their
+        # first real step is step 1 of Adam, as in a single process
+        set_optimizer_state_dict(method, opt, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for p, n in zip(params, names):
+            if n not in full["state"]:
+                opt.state.pop(p, None)
+
+    def unsharded(self, method: nn.Module, build: Any) -> nn.Module:
+        """The trained method as a plain module for what follows the loop (summary, evaluation): FSDP
+        gathers a full copy on the main process (a collective; ``build()`` makes the empty method), other
+        ranks keep the sharded one; other strategies return ``method`` itself."""
+        if self.strategy != "fsdp":
+            return method
+        sd = self.model_state(method)
+        if not self.is_main:
+            return method
+        plain = build().to(self.device)
+        plain.load_state_dict(sd)
+        return plain.train(method.training)
 
     # ------------------------------------------------------------------------------------- teardown
     def teardown(self) -> None:

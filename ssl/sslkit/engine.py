@@ -87,6 +87,7 @@ class TrainResult:
     derived: Derived
     metrics: dict[str, float]
     method: Method
+    is_main: bool = True  # rank 0 (the process that logs, writes checkpoints and summarizes)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
@@ -200,9 +201,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 if step % tc.ckpt_every:  # (else last.pt holds this step already)
                     save(run_dir / "checkpoints" / "last.pt", metrics)
                 raise preempt.preempted(step, str(run_dir / "checkpoints" / "last.pt"))
+        method = dd.unsharded(method, lambda: build_method(cfg))  # FSDP: a plain copy on rank 0
     finally:
         preempt.restore()
         log.close()
         loader.close()  # stop persistent workers
         dd.teardown()  # destroys the process group if setup() made it
-    return TrainResult(run_dir, step, d, metrics, method)
+    return TrainResult(run_dir, step, d, metrics, method, dd.is_main)
