@@ -51,9 +51,9 @@ def test_each_hooked_site_really_drops_its_output(site):
     mods = apply_dropblock(m, {"preset": "resnet_paper", "drop_prob": 0.1, "block_size": 64})
     set_drop_prob(mods, 0.0)
     seen = zero_probe(m, site)
-    m(torch.randn(2, 3, 64, 64))
+    m(torch.randn(2, 3, 32, 32))
     next(x for x in mods if x.site == site).drop_prob = 1.0  # block >= the map: the whole map goes
-    m(torch.randn(2, 3, 64, 64))
+    m(torch.randn(2, 3, 32, 32))
     assert seen == [False, True]
 
 
@@ -75,7 +75,7 @@ def test_identity_in_eval_and_at_rate_zero_different_in_train(preset):
     ref = resnet(zero_init_last=False)  # (zero-init bn3 would make the residual branch 0 at init)
     m = copy.deepcopy(ref)
     mods = apply_dropblock(m, {"preset": preset, "drop_prob": 0.5})
-    x = torch.randn(4, 3, 64, 64)
+    x = torch.randn(4, 3, 32, 32)
     ref.eval(), m.eval()
     assert torch.equal(m(x), ref(x))
     ref.train(), m.train()
