@@ -72,8 +72,9 @@ def test_guard_agrees_across_ranks():
 # ----------------------------------------------------------------------------------------- SIGTERM -> resume
 def test_sigterm_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     """SIGTERM to the whole process group (as SLURM signals every process of a step), DataLoader workers
-    included: the run stops after the step with last.pt and exits 143; the same command resumes."""
-    steps = 24
+    included: the run stops after the step with last.pt and exits 143; the same command resumes and
+    reaches the parameters of an uninterrupted run bit for bit."""
+    steps = 16
     ov = TINY + [f"trainer.max_steps={steps}", "trainer.ckpt_every=1000"]  # last.pt only at the end / on a signal
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, str(REPO / "scripts" / "pretrain.py"), *ov, "data.num_workers=2",
@@ -122,27 +123,25 @@ for i in range(1000):
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     last = tmp_path / "checkpoints" / "last.pt"
-    temps: list[Path] = []
-    for delay in (0.03, 0.01, 0.06, 0.0):  # until the kill lands inside a write (a partial temp file is left)
-        p = subprocess.Popen([sys.executable, "-c", _WRITER, str(last)], stdout=subprocess.PIPE, text=True,
-                             env=_env())
-        try:
-            for line in p.stdout:
-                if line.startswith("writing") and int(line.split()[1]) >= 1:  # step 0 is complete
-                    time.sleep(delay)
-                    p.send_signal(signal.SIGKILL)
-                    break
-        finally:
-            p.kill()
-            p.wait()
-        temps = [t for t in last.parent.glob(".last.pt.tmp.*") if t.stat().st_size > 0]
-        if temps:
-            break
-    assert temps, "the kill never landed inside a write"
-    state = ck.load(last)  # a torn temp file, while last.pt is the previous complete checkpoint
-    done = state["step"]
-    assert state["model"]["w"].numel() == 24 * 2**20 and bool((state["model"]["w"] == done).all())  # all of it
-    assert ck.find_resume(tmp_path, "auto")["step"] == done  # the temp file is never a candidate
+    p = subprocess.Popen([sys.executable, "-c", _WRITER, str(last)], stdout=subprocess.PIPE, text=True, env=_env())
+    tmp = last.with_name(f".last.pt.tmp.{p.pid}")  # checkpoint.atomic_save's temp file
+    try:
+        for line in p.stdout:
+            if line.startswith("saved 0"):  # checkpoint 0 is complete; now kill inside the write of 1
+                break
+        t0 = time.monotonic()
+        while not (tmp.exists() and tmp.stat().st_size > 0) and time.monotonic() - t0 < 60:
+            pass  # busy-wait: the write of 96 MB takes far longer than one stat()
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == -signal.SIGKILL
+    assert tmp.is_file() and tmp.stat().st_size > 0  # killed inside the write: a torn temp file is left...
+    state = ck.load(last)  # ...while last.pt is the previous complete checkpoint
+    assert state["step"] == 0
+    assert state["model"]["w"].numel() == 24 * 2**20 and bool((state["model"]["w"] == 0).all())  # all of it
+    assert ck.find_resume(tmp_path, "auto")["step"] == 0  # the temp file is never a candidate
     assert ck.step_checkpoints(last.parent) == []
 
 

@@ -1,15 +1,18 @@
 """Launching and sweeping: the SLURM launcher preset yields the right sbatch script (submitted to a fake
-``sbatch``), a real two-point sweep through hydra/launcher=local (submitit, subprocesses) writes each
-point's config, metrics and checkpoint, and the sweep summary reads them back."""
+``sbatch``); a real two-point sweep through hydra/launcher=local (submitit, one process per point) whose
+points are preempted with submitit's signal, requeued and resumed, ending with each point's config,
+metrics and checkpoint; the sweep summary reads them back."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,28 +90,72 @@ def test_slurm_launcher_writes_the_sbatch_script(tmp_path, monkeypatch):
                                                                                              "optim.blr=3e-4"]
 
 
-def test_local_sweep_writes_every_point(tmp_path):
-    """``sslkit-pretrain -m hydra/launcher=local trainer.seed=0,1``: submitit runs each point as its own
-    process; every point has its resolved config, metrics and a loadable checkpoint at the last step."""
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, str(PRETRAIN), "-m", "hydra/launcher=local", *TINY, "trainer.seed=0,1",
-           f"hydra.sweep.dir={sweep}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [p.name for p in jobs] == ["0_umae_demo", "1_umae_demo"]
-    finals = []
-    for seed, job in enumerate(jobs):
+def _submitit_tasks(sweep: Path) -> dict[int, int]:
+    """{sweep point: pid} of the running submitit task processes of ``sweep`` (Linux /proc)."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = dict(x.split(b"=", 1) for x in (proc / "environ").read_bytes().split(b"\0") if b"=" in x)
+        except (OSError, ValueError):
+            continue
+        if b"submitit.core._submit" in cmd and any(str(sweep).encode() in c for c in cmd):
+            jid = env.get(b"SUBMITIT_LOCAL_JOB_ID", b"").decode()
+            pkl = sweep / ".submitit" / jid / f"{jid}_submitted.pkl"
+            if jid and pkl.is_file():
+                out[pickle.loads(pkl.read_bytes()).args[2]] = int(proc.name)  # args: overrides, key, job num, ...
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the job processes through /proc")
+def test_local_sweep_preempted_points_are_requeued_and_resume(tmp_path):
+    """``sslkit-pretrain -m hydra/launcher=local trainer.ckpt_every=500,1000``: submitit runs each point as
+    its own process. Point 0 gets submitit's preemption signal mid-run: sslkit checkpoints after the step,
+    hands over to submitit's handler, which requeues the job; the new process resumes in the same point
+    dir. Every point ends with its resolved config, complete metrics and a checkpoint at the last step,
+    and the preempted point's final parameters equal the uninterrupted point's bit for bit (ckpt_every
+    beyond max_steps changes nothing else)."""
+    steps, sweep = 12, tmp_path / "sweep"
+    cmd = [sys.executable, str(PRETRAIN), "-m", "hydra/launcher=local", *TINY, f"trainer.max_steps={steps}",
+           "trainer.log_every=1", "optim.warmup_steps=2", "trainer.ckpt_every=500,1000", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    signalled: set[int] = set()
+    sig = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+    try:
+        while p.poll() is None and not signalled:
+            for num, pid in _submitit_tasks(sweep).items():
+                m = sweep / f"{num}_umae_demo" / "metrics.jsonl"
+                if num == 0 and m.is_file() and len(m.read_text().splitlines()) >= 2:
+                    os.kill(pid, sig)
+                    signalled.add(num)
+            time.sleep(0.05)
+        out, err = p.communicate(timeout=600)
+    finally:
+        p.kill()
+    assert p.returncode == 0, out[-2000:] + err[-3000:]
+    assert signalled == {0}
+    jobs = sorted(q for q in sweep.iterdir() if q.is_dir() and not q.name.startswith("."))
+    assert [q.name for q in jobs] == ["0_umae_demo", "1_umae_demo"]
+    logs = {d.name: "".join(f.read_text() for f in sorted(d.glob("*_log.*"))) for d in (sweep / ".submitit").iterdir()}
+    preempted = [k for k, v in logs.items() if f"preempted by SIG{submitit.JobEnvironment.USR_SIG}" in v]
+    assert len(preempted) == 1 and "Requeued job" in logs[preempted[0]]  # submitit requeued point 0 only
+    assert sum("Requeued job" in v for v in logs.values()) == 1
+    finals, models = [], []
+    for every, job in zip((500, 1000), jobs):
         ck = torch.load(job / "checkpoints" / "last.pt", weights_only=True)
-        assert ck["step"] == 2 and ck["config"]["trainer"]["seed"] == seed
+        assert ck["step"] == steps and ck["config"]["trainer"]["ckpt_every"] == every
+        models.append(ck["model"])
         assert (job / "config.yaml").is_file() and (job / ".hydra" / "overrides.yaml").is_file()
         rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
-        assert rows[-1]["step"] == 2
+        assert [r["step"] for r in rows] == list(range(1, steps + 1))  # resumed, not restarted from 0
         finals.append(rows[-1]["loss"])
     rows = summarize_sweep(sweep)
-    assert [r["varying"] for r in rows] == [{"trainer.seed": "0"}, {"trainer.seed": "1"}]
+    assert [r["varying"] for r in rows] == [{"trainer.ckpt_every": "500"}, {"trainer.ckpt_every": "1000"}]
     assert [r["status"] for r in rows] == ["done", "done"] and [r["final"]["loss"] for r in rows] == finals
-    assert finals[0] != finals[1]  # different seeds, different runs
+    # preempted + requeued + resumed == uninterrupted
+    assert finals[0] == finals[1] and models[0].keys() == models[1].keys()
+    for k in models[0]:
+        assert torch.equal(models[0][k], models[1][k]), k
 
 
 def test_summarize_sweep_marks_incomplete_points_and_merges_results(tmp_path, capsys):
