@@ -10,7 +10,9 @@ from sslkit.cli import compose, config_dir
 from sslkit.config import derive
 from sslkit.errors import ConfigError
 
-EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+_ALL = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+EXPERIMENTS = [e for e in _ALL if not e.startswith("finetune_")]  # pretraining (sslkit-pretrain)
+FINETUNE_EXPERIMENTS = [e for e in _ALL if e.startswith("finetune_")]  # sslkit-finetune experiment=...
 
 
 def test_expected_experiments_exist():
@@ -18,7 +20,7 @@ def test_expected_experiments_exist():
             "dinov2_demo", "dinov2_vits16"} <= set(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", EXPERIMENTS + FINETUNE_EXPERIMENTS)
 def test_every_experiment_composes_and_resolves(experiment):
     if experiment.startswith("finetune_"):  # fine-tuning recipes extend the finetune primary config
         cfg = compose([f"experiment={experiment}"], config_name="finetune")

@@ -10,6 +10,7 @@ from sslkit import checkpoint as ck
 from sslkit.cli import compose, run_finetune, run_pretrain
 from sslkit.errors import CheckpointError
 from sslkit.methods import build_method
+from tests.test_config import FINETUNE_EXPERIMENTS
 
 FAST = ["logger.wandb.mode=disabled", "trainer.progress=false", "data.num_workers=0", "data.num_samples=64",
         "data.batch_size=8", "trainer.log_every=1"]
@@ -188,3 +189,11 @@ def test_resnet_finetune_with_dropblock_mixup_ema_resumes_exactly(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["dropblock_drop_prob"] for r in rows] == pytest.approx([0.0, 0.1, 0.2])  # 0.3 * (s - 1) / 3
+
+
+@pytest.mark.parametrize("experiment", FINETUNE_EXPERIMENTS)
+def test_every_finetune_experiment_runs_on_the_tiny_resnet(experiment, tmp_path):
+    cfg = compose([f"experiment={experiment}", *FAST, *RESNET, "trainer.max_steps=2", "data.batch_size=4"],
+                  config_name="finetune")
+    assert cfg.method.dropblock.preset != "none"
+    assert run_finetune(cfg, tmp_path)["step"] == 2
