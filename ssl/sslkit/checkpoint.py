@@ -2,9 +2,11 @@
 
 Keys: ``format_version``, ``sslkit_version``, ``method``, ``model_config`` (timm name + kwargs that
 rebuild the backbone), ``backbone_prefix`` (where that backbone's weights are in ``model``; absent in
-older files = ``"backbone."``), ``model`` (unwrapped state dict of the method module), ``optimizer``,
-``scaler``, ``step``, ``data_state``, ``rng``, ``config`` (resolved, plain), ``derived``,
-``wandb_id``, ``metrics``. Written to a temp file in the same directory, fsync'ed, then renamed, so a
+older files = ``"backbone."``), ``model`` (unwrapped state dict of the method module; full, also
+after FSDP), ``optimizer`` (``Optimizer.state_dict`` format, also after FSDP), ``scaler``, ``step``,
+``data_state`` (the loader's ``state_dict``: consumed global batches / samples, epoch position),
+``rng`` (rank 0's), ``rng_ranks`` (every rank's; absent in older files), ``config`` (resolved,
+plain), ``derived``, ``wandb_id``, ``metrics``. Written by rank 0 only. Written to a temp file in the same directory, fsync'ed, then renamed, so a
 crash never leaves a half-written ``last.pt``.
 """
 
