@@ -398,5 +398,7 @@ def shard(method: nn.Module, device: torch.device, amp_dtype: Optional[torch.dty
             fully_shard(modules[name], mesh=mesh, mp_policy=mp32)
             units.append(modules[name])
     fully_shard(method, mesh=mesh, mp_policy=mp)
+    if hasattr(method, "features"):  # evaluation entry point used during training (online kNN)
+        register_fsdp_forward_method(method, "features")
     units.append(method)
     return units
