@@ -169,26 +169,32 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     ddp = ["trainer.strategy=ddp", "data.batch_size=4"]
     fsdp = ["trainer.strategy=fsdp", "data.batch_size=4"]
+    accum = ["trainer.accum_steps=2", "data.batch_size=2"]
     _spawn([
-        (UMAE + ddp + ["trainer.accum_steps=2", "data.batch_size=2"], str(root / "umae_ddp_accum")),
-        (UMAE + ddp + ["trainer.stop_after=2"], str(root / "umae_ddp_resume")),
-        (UMAE + ddp, str(root / "umae_ddp_resume")),  # resume=auto from step 2 on 2 ranks
+        (UMAE + ddp + accum + ["trainer.stop_after=2"], str(root / "umae_ddp")),
+        (UMAE + ddp + accum, str(root / "umae_ddp")),  # resume=auto from step 2 on 2 ranks
         (DINO + ddp, str(root / "dino_ddp")),
         (DINO + fsdp + ["trainer.stop_after=2"], str(root / "dino_fsdp")),
-        (DINO + fsdp + ["trainer.summary=true", "data.num_samples=32"], str(root / "dino_fsdp")),  # resume
+        (DINO + fsdp + ["trainer.summary=true", "trainer.knn_every=4", "trainer.knn_train_samples=32",
+                        "trainer.knn_val_samples=16"], str(root / "dino_fsdp")),  # resume; online kNN on shards
     ])
-    run_pretrain(compose(UMAE + ["data.batch_size=8"]), root / "umae_single")
-    run_pretrain(compose(UMAE + ["trainer.accum_steps=2", "data.batch_size=4"]), root / "umae_single_accum")
+    run_pretrain(compose(UMAE + ["trainer.accum_steps=2", "data.batch_size=4"]), root / "umae_single")
     run_pretrain(compose(DINO + ["data.batch_size=8"]), root / "dino_single")
     return root
 
 
-def test_ddp_umae_with_accumulation_equals_one_process(runs: Path) -> None:
-    """2 ranks x 2 images x 2 accumulated micro-steps (no_sync on the first) == 1 process x 4 images x 2
-    micro-steps: each micro-step's global batch (samples, views, masks) is the same."""
-    _assert_close(_model(runs / "umae_ddp_accum"), _model(runs / "umae_single_accum"), atol=1e-5)
-    assert _losses(runs / "umae_ddp_accum") == pytest.approx(_losses(runs / "umae_single_accum"), rel=1e-5)
-    cfg = (runs / "umae_ddp_accum" / "config.yaml").read_text()
+def test_ddp_umae_with_accumulation_and_resume_equals_one_process(runs: Path) -> None:
+    """2 ranks x 2 images x 2 accumulated micro-steps (no_sync on the first), stopped at step 2 and resumed
+    to 4 (resume=auto) == 1 uninterrupted process x 4 images x 2 micro-steps: each micro-step's global
+    batch (samples, views, masks) is the same."""
+    _assert_close(_model(runs / "umae_ddp"), _model(runs / "umae_single"), atol=1e-5)
+    assert _losses(runs / "umae_ddp") == pytest.approx(_losses(runs / "umae_single"), rel=1e-5)
+    state = ck.load(runs / "umae_ddp" / "checkpoints" / "last.pt")
+    assert state["step"] == 4 and len(state["rng_ranks"]) == 2
+    ds = state["data_state"]
+    assert (ds["samples_consumed"], ds["batches_consumed"], ds["world_size"]) == (4 * 8, 8, 2)
+    assert [json.loads(x)["step"] for x in (runs / "umae_ddp" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    cfg = (runs / "umae_ddp" / "config.yaml").read_text()
     assert "global_batch: 8" in cfg and "world_size: 2" in cfg
 
 
@@ -201,21 +207,11 @@ def test_ddp_dinov2_equals_one_process(runs: Path) -> None:
     assert _losses(runs / "dino_ddp") == pytest.approx(_losses(runs / "dino_single"), rel=1e-5)
 
 
-def test_ddp_save_resume_is_exact(runs: Path) -> None:
-    """2 ranks x 4: stop at step 2 (checkpoint), resume to 4 (resume=auto) == one uninterrupted process x 8."""
-    state = ck.load(runs / "umae_ddp_resume" / "checkpoints" / "last.pt")
-    assert state["step"] == 4 and len(state["rng_ranks"]) == 2
-    assert state["data_state"]["samples_consumed"] == 4 * 8 and state["data_state"]["world_size"] == 2
-    _assert_close(_model(runs / "umae_ddp_resume"), _model(runs / "umae_single"), atol=1e-5)
-    assert _losses(runs / "umae_ddp_resume") == pytest.approx(_losses(runs / "umae_single"), rel=1e-5)
-    rows = [json.loads(x) for x in (runs / "umae_ddp_resume" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-
-
 def test_fsdp2_dinov2_save_resume_equals_one_process(runs: Path) -> None:
     """FSDP2 (fully_shard) on gloo: stop at 2, resume to 4 (full state dicts gathered on rank 0 and
     re-sharded) == one process; the checkpoint has the single-process format (same model keys, optimizer
-    state by parameter index); rank 0 summarizes from a gathered plain copy."""
+    state by parameter index); the online kNN hook runs on the sharded method; rank 0 summarizes from a
+    gathered plain copy."""
     a, b = ck.load(runs / "dino_fsdp" / "checkpoints" / "last.pt"), ck.load(runs / "dino_single" / "checkpoints" / "last.pt")
     _assert_close(a["model"], b["model"], atol=1e-5)
     assert all(not hasattr(v, "placements") for v in a["model"].values())  # plain tensors, not DTensors
@@ -224,3 +220,5 @@ def test_fsdp2_dinov2_save_resume_equals_one_process(runs: Path) -> None:
         _assert_close(a["optimizer"]["state"][i], st, atol=1e-6)
     assert _losses(runs / "dino_fsdp") == pytest.approx(_losses(runs / "dino_single"), rel=1e-5)
     assert "knn_top1_pretrained" in json.loads((runs / "dino_fsdp" / "summary.json").read_text())
+    last = json.loads((runs / "dino_fsdp" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 4 and 0.0 <= last["knn_top1"] <= 100.0  # method.features through FSDP
