@@ -85,6 +85,25 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
 
 
+def test_nonfinite_loss_on_another_rank_stops_this_rank_too():
+    from sslkit.engine import check_finite
+
+    ok, nan = {"loss": torch.tensor(1.0)}, {"loss": torch.tensor(float("nan"))}
+    seen = []
+
+    def agree(flag):  # stands in for the all-reduce MAX: another rank reports a non-finite loss
+        seen.append(flag)
+        return True
+
+    with pytest.raises(TrainingError, match="non-finite loss on another rank at step 5"):
+        check_finite(ok, 5, agree)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 5 \(loss=nan\)"):
+        check_finite(nan, 5, agree)
+    assert seen == [False, True]
+    check_finite(ok, 5, lambda flag: flag)  # nobody is bad: no error
+    check_finite(ok, 5)
+
+
 def test_resume_into_a_different_model_is_refused(tmp_path):
     from sslkit.errors import CheckpointError
 

@@ -10,7 +10,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -71,9 +71,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def check_finite(out: dict[str, torch.Tensor], step: int) -> None:
-    if torch.isfinite(out["loss"]).all():
+def check_finite(out: dict[str, torch.Tensor], step: int, agree: Optional[Callable[[bool], bool]] = None) -> None:
+    """Raise TrainingError on a non-finite loss. With several ranks ``agree`` (any rank's flag) makes
+    every rank raise at the same micro-step, instead of the others hanging in the next collective."""
+    local_bad = not bool(torch.isfinite(out["loss"]).all())
+    if not (agree(local_bad) if agree is not None else local_bad):
         return
+    if not local_bad:
+        raise TrainingError(f"non-finite loss on another rank at step {step} (see its error); the last checkpoint "
+                            f"was left untouched")
     bad = [k for k, v in out.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
     terms = ", ".join(f"{k}={out[k].float().mean().item():.4g}" for k in bad)
     raise TrainingError(f"non-finite loss at step {step} ({terms}); the last checkpoint was left untouched. "
@@ -151,7 +157,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 derived=asdict(d), wandb_id=log.wandb_id, metrics=metrics)
         dd.barrier()  # nobody reads the checkpoint before it is complete
 
-    preempt = PreemptionGuard(agree=ranks_agree(rt.device)).install()  # SIGTERM/USR1/USR2: stop after the step
+    agree = ranks_agree(rt.device)  # flag -> any rank's flag (None in one process)
+    preempt = PreemptionGuard(agree=agree).install()  # SIGTERM/USR1/USR2: stop after the step
     it: Iterator[dict[str, torch.Tensor]] = iter(loader)  # (workers fork after install: they inherit the handlers)
     method.train()
     metrics: dict[str, float] = {}
@@ -167,7 +174,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 with dd.grad_sync(micro == tc.accum_steps - 1):  # no gradient all-reduce on non-final micro-steps
                     with autocast():
                         out = fwd(batch)
-                    check_finite(out, step)
+                    check_finite(out, step, agree)
                     scaler.scale(out["loss"] / tc.accum_steps).backward()
                 for k, v in out.items():
                     terms[k] = terms.get(k, 0.0) + float(v.detach()) / tc.accum_steps
