@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sslkit.cli import compose, eval_linear, eval_main, run_pretrain
+from sslkit.cli import compose, eval_knn, eval_linear, eval_main, run_pretrain
 from sslkit.errors import DataError
 from sslkit.evaluation import (DEFAULT_LRS, holdout_split, linear_batches, linear_probe, score_heads,
                                train_linear_heads)
@@ -222,5 +222,7 @@ def test_eval_linear_val_class_missing_from_train(ckpt, tmp_path):
     data = ["data=image_folder", f"data.path={d}", "data.val_fraction=0.5", "data.num_workers=0", "data.batch_size=4"]
     with pytest.raises(DataError, match=r"1 \(rare\)"):
         eval_linear(ckpt, data, epochs=1)
+    with pytest.raises(DataError, match=r"never occur in the train split: 1 \(rare\). kNN cannot predict"):
+        eval_knn(ckpt, data)
     with pytest.raises(DataError, match="data.split=val .* is empty"):  # no val images at all
         eval_linear(ckpt, data[:2] + ["data.val_fraction=0.0", "data.num_workers=0"], epochs=1)

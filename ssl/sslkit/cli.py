@@ -316,9 +316,10 @@ def eval_knn(checkpoint: str | Path, data_overrides: list[str], k: int = 20, tem
              out: Optional[str | Path] = None) -> dict[str, float]:
     """Weighted kNN on frozen features: train split -> val split of the checkpoint's data config
     (or of ``data=...`` overrides)."""
-    from sslkit.evaluation import knn_classify
+    from sslkit.evaluation import check_eval_labels, knn_classify
 
     f = eval_features(checkpoint, data_overrides)
+    check_eval_labels(f.train_y, f.val_y, len(f.classes), f.classes, what="kNN")
     res = knn_classify(f.train_f, f.train_y, f.val_f, f.val_y, k=k, temperature=temperature)
     print(f"[sslkit] kNN (k={k}, T={temperature}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
     if out:

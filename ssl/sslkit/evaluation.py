@@ -283,23 +283,25 @@ def score_heads(x: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tens
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": (loss / n).float()}
 
 
-def _check_labels(train_y: torch.Tensor, val_y: torch.Tensor, num_classes: int,
-                  class_names: Optional[Sequence[str]]) -> None:
+def check_eval_labels(train_y: torch.Tensor, val_y: torch.Tensor, num_classes: int,
+                      class_names: Optional[Sequence[str]], what: str = "A linear probe") -> None:
+    """DataError (with the fix) for an empty split, unlabelled / out-of-range labels, or a val class
+    that never occurs in train (``what`` could never predict it)."""
     def name(c: int) -> str:
         return f"{c} ({class_names[c]})" if class_names is not None and 0 <= c < len(class_names) else str(c)
 
     for split, y in (("train", train_y), ("val", val_y)):
         if len(y) == 0:
-            raise DataError(f"the {split} split is empty: the linear probe needs labelled train and val samples")
+            raise DataError(f"the {split} split is empty: {what.lower()} needs labelled train and val samples")
         bad = sorted(set(y[(y < 0) | (y >= num_classes)].tolist()))
         if bad:
             raise DataError(f"{split} labels {bad[:10]} are outside 0..{num_classes - 1} (negative = unlabelled "
-                            f"samples, which a linear probe cannot use; use data.split=train / val)")
+                            f"samples, which {what.lower()} cannot use; use data.split=train / val)")
     missing = sorted(set(val_y.tolist()) - set(train_y.tolist()))
     if missing:
         raise DataError(f"{len(missing)} class(es) of the val split never occur in the train split: "
                         f"{', '.join(name(c) for c in missing[:20])}{' ...' if len(missing) > 20 else ''}. "
-                        f"A linear probe cannot predict a class it was never trained on. Fix: give every class "
+                        f"{what} cannot predict a class it never saw in train. Fix: give every class "
                         f"train images (e.g. a smaller data.val_fraction, or more images per class)")
 
 
@@ -336,7 +338,7 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
     if num_classes is None:
         num_classes = int(max(train_y.max(), val_y.max())) + 1 if len(train_y) and len(val_y) else 1
     num_classes = int(num_classes)
-    _check_labels(train_y, val_y, num_classes, class_names)
+    check_eval_labels(train_y, val_y, num_classes, class_names)
     fit_idx, hold_idx = holdout_split(train_y, holdout_fraction, seed)
     x_fit, x_hold, x_val = train_f[fit_idx].float(), train_f[hold_idx].float(), val_f.float()
     if standardize:
