@@ -101,6 +101,13 @@ def test_prune_keeps_newest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10.pt", "step_3.pt"]
 
 
+def test_prune_keeps_permanent_milestones(tmp_path):
+    for s in range(1, 11):
+        ck.save_training_state(tmp_path / f"step_{s}.pt", step=s)
+    ck.prune(tmp_path, keep_last=2, keep_permanent_every=4)
+    assert sorted(int(p.stem[5:]) for p in tmp_path.iterdir()) == [4, 8, 9, 10]
+
+
 def test_unwrap_compiled_like_wrappers():
     m = torch.nn.Linear(2, 2)
 

@@ -164,9 +164,11 @@ def save_training_state(path: Path, **fields: Any) -> None:
     atomic_save(obj, path)
 
 
-def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` periodic step_<N>.pt files (0 keeps all)."""
+def prune(ckpt_dir: Path, keep_last: int, keep_permanent_every: Optional[int] = None) -> None:
+    """Keep the newest ``keep_last`` periodic step_<N>.pt files (0 keeps all), plus every one whose step
+    is a multiple of ``keep_permanent_every`` (milestones that are never deleted)."""
     if keep_last <= 0:
         return
-    for _, p in step_checkpoints(ckpt_dir)[:-keep_last]:
-        p.unlink(missing_ok=True)
+    for step, p in step_checkpoints(ckpt_dir)[:-keep_last]:
+        if not (keep_permanent_every and step % keep_permanent_every == 0):
+            p.unlink(missing_ok=True)

@@ -225,6 +225,7 @@ class TrainerConfig:
     ckpt_every: int = 1000  # write checkpoints/last.pt every N steps (and at the end)
     keep_every: Optional[int] = None  # also keep checkpoints/step_<N>.pt every N steps
     keep_last: int = 2  # how many periodic step_<N>.pt to keep (0 = keep all)
+    keep_permanent_every: Optional[int] = None  # step_<N>.pt with N a multiple of this are never pruned
     progress: bool = True
     deterministic: bool = True  # torch.use_deterministic_algorithms(warn_only) on CPU
     summary: bool = True  # print "what it learned" (kNN on the data's labels) at the end

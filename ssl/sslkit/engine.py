@@ -203,7 +203,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             if tc.keep_every and step % tc.keep_every == 0:
                 save(run_dir / "checkpoints" / f"step_{step}.pt", metrics)
                 if dd.is_main:
-                    ckpt_io.prune(run_dir / "checkpoints", int(tc.keep_last))
+                    ckpt_io.prune(run_dir / "checkpoints", int(tc.keep_last), tc.keep_permanent_every)
             if step < stop and preempt.should_stop():  # agreed by all ranks: checkpoint, then cli exits/requeues
                 if step % tc.ckpt_every:  # (else last.pt holds this step already)
                     save(run_dir / "checkpoints" / "last.pt", metrics)
