@@ -61,6 +61,13 @@ def test_single_strategy_refuses_several_processes() -> None:
         D.setup("dp", torch.device("cpu"))
 
 
+def test_fsdp_with_fp16_is_refused_before_sharding() -> None:
+    env = D.LaunchEnv(rank=0, world_size=2, local_rank=0, launcher="torchrun", master_addr="h", master_port=1)
+    dd = D.Dist("fsdp", env, torch.device("cpu"), owns_group=False)
+    with pytest.raises(ConfigError, match="precision=bf16"):
+        dd.wrap(torch.nn.Linear(2, 2), torch.float16)
+
+
 # ----------------------------------------------------------------------------------------- loader
 def _take(ld, n):
     return list(islice(iter(ld), n))

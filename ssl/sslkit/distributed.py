@@ -186,6 +186,9 @@ class Dist:
                 method, device_ids=ids, find_unused_parameters=self.find_unused, **no_buffer_sync)
             return self._ddp
         if self.strategy == "fsdp":
+            if amp_dtype == torch.float16:  # the fp16 GradScaler path is untested with sharded (DTensor) grads
+                raise ConfigError("trainer.strategy=fsdp with trainer.precision=fp16 is not supported (loss scaling "
+                                  "over sharded gradients is untested): use trainer.precision=bf16, or strategy=ddp")
             self._fsdp_units = shard(method, self.device, amp_dtype)
             return method
         return method
