@@ -50,12 +50,12 @@ def timm_vit(reg_tokens: int = 0, no_embed_class: bool = False, **kw) -> TimmViT
 
 
 class FixedSampler:
-    """Stand-in for ``_sample_keep_idx``: returns the next queued index tensor, records every call."""
+    """Stand-in for ``sample_keep``: returns the next queued index tensor, records every call."""
 
     def __init__(self, queue: list[torch.Tensor] | None = None) -> None:
         self.queue = list(queue or [])
         self.calls: list[tuple[int, int]] = []
-        self.real = sdmod._sample_keep_idx
+        self.real = sdmod.sample_keep
 
     def __call__(self, batch_size, k, device, generator):
         self.calls.append((batch_size, k))
@@ -265,7 +265,7 @@ def test_efficient_sd_kept_counts_and_compute(monkeypatch) -> None:
     d = 0.5
     m = make(drop_path_rate=d, init_values=1e-5).train()
     sampler = FixedSampler()
-    monkeypatch.setattr(sdmod, "_sample_keep_idx", sampler)
+    monkeypatch.setattr(sdmod, "sample_keep", sampler)
     qkv_rows = [row_counter(b.attn.qkv) for b in m.blocks]
     fc1_rows = [row_counter(b.mlp.fc1) for b in m.blocks]
     cs = crops()  # groups: (2, 65 tokens), (4, 17 tokens)
@@ -306,7 +306,7 @@ def test_efficient_sd_block_exact(monkeypatch) -> None:
     idx_attn = [torch.tensor([0, 2, 4]), torch.tensor([1, 2, 3, 5, 8, 9])]
     idx_mlp = [torch.tensor([1, 2, 4]), torch.tensor([0, 2, 3, 5, 7, 9])]
     sampler = FixedSampler(idx_attn + idx_mlp)
-    monkeypatch.setattr(sdmod, "_sample_keep_idx", sampler)
+    monkeypatch.setattr(sdmod, "sample_keep", sampler)
     x, layout = pack_groups(xs)
     ys = unpack_groups(blk.forward_packed(x, layout), layout)
     assert sampler.calls == [(5, 3), (10, 6), (5, 3), (10, 6)]
@@ -320,7 +320,7 @@ def test_efficient_sd_block_exact(monkeypatch) -> None:
     # same scales in every group -> the alpha path; same reference
     xs2 = [torch.randn(5, 9, DIM), torch.randn(5, 4, DIM)]
     ia2, im2 = [torch.tensor([0, 1, 3])] * 2, [torch.tensor([2, 3, 4])] * 2
-    monkeypatch.setattr(sdmod, "_sample_keep_idx", FixedSampler(ia2 + im2))
+    monkeypatch.setattr(sdmod, "sample_keep", FixedSampler(ia2 + im2))
     x2, l2 = pack_groups(xs2)
     with torch.no_grad():
         for y, r in zip(unpack_groups(blk.forward_packed(x2, l2), l2), _block_reference(blk, xs2, ia2, im2)):
@@ -335,7 +335,7 @@ def test_efficient_sd_gradient_only_through_kept_rows(monkeypatch) -> None:
     w = [torch.randn_like(t) for t in xs]
 
     def run(xs_in):
-        monkeypatch.setattr(sdmod, "_sample_keep_idx", FixedSampler(idx + idx))  # same subset both branches
+        monkeypatch.setattr(sdmod, "sample_keep", FixedSampler(idx + idx))  # same subset both branches
         xs_in = [t.clone().requires_grad_() for t in xs_in]
         blk.zero_grad()
         x, layout = pack_groups(xs_in)

@@ -30,24 +30,27 @@ slice of ``qkv`` are viewed as ``(B_g, heads, N_g, head_dim)`` and ``F.scaled_do
 runs on that group alone, so a token only ever attends to the tokens of its own crop. Results are
 concatenated back to ``(T, C)`` for the output projection. The final ``norm`` output is split back into
 ``[(B_g, 1 + R + N_g, C)]``. This equals calling :meth:`~VisionTransformer.forward_features` per group.
+The packing helpers (``PackLayout``, ``pack_groups``, ``unpack_groups``) live in ``sslkit.layers.packing``
+and are re-exported here.
 
 Efficient stochastic depth (``drop_path_mode="efficient"``, the default)
 -----------------------------------------------------------------------
-Per block and per branch (attention and MLP draw independently), each group ``g`` draws its own
-subset of ``k_g = keep_count(B_g, d)`` samples (``sslkit.layers.stochastic_depth``). The kept rows of
-all groups are gathered into one packed matrix (``index_select`` of their tokens), the branch runs on
-that smaller matrix only (token-wise ops once, attention per group), and the output is added back with
-``index_add`` scaled by ``B_g / k_g``. Dropped samples cost nothing, forward or backward. The rate is
-the SAME for every block (``drop_path_rate``, uniform as in DINOv2, not timm's linear ramp).
+Implemented in ``sslkit.layers.stochastic_depth`` (``drop_add_residual`` for ``(B, N, C)``,
+``drop_add_residual_packed`` for the packed matrix). Per block and per branch (attention and MLP draw
+independently), each group ``g`` draws its own subset of ``k_g = keep_count(B_g, d)`` samples. The kept
+rows of all groups are gathered into one packed matrix (``index_select`` of their tokens), the branch
+runs on that smaller matrix only (token-wise ops once, attention per group), and the output is added
+back with ``index_add`` scaled by ``B_g / k_g``. Dropped samples cost nothing, forward or backward. The
+rate is the SAME for every block (``drop_path_rate``, uniform as in DINOv2, not timm's linear ramp).
 ``drop_path_mode="mask"`` is timm's ``DropPath`` (branch computed for every sample, multiplied by a
-per-sample Bernoulli mask / keep_prob) for comparison. In eval or with rate 0 both are the plain
-residual ``x + f(x)``.
+per-sample Bernoulli mask / keep_prob; ``drop_path_residual_packed`` when packed) for comparison. In
+eval or with rate 0 both are the plain residual ``x + f(x)``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +60,17 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sslkit.layers import stochastic_depth as sd
-from sslkit.layers.stochastic_depth import LayerScale, SDAttention, SDMlp, drop_add_residual, keep_count
+from sslkit.layers.packing import PackLayout, pack_groups, unpack_groups
+from sslkit.layers.stochastic_depth import drop_add_residual, drop_add_residual_packed, drop_path_residual_packed
 from sslkit.models._common import pyramid_cfg
 
 __all__ = [
     "VisionTransformer",
     "PackedBlock",
     "PackedAttention",
-    "PackLayout",
+    "Mlp",
+    "LayerScale",
+    "PackLayout",  # (from sslkit.layers.packing)
     "pack_groups",
     "unpack_groups",
     "checkpoint_filter_fn",
@@ -76,83 +81,51 @@ GLOBAL_POOLS = ("token", "avg", "")
 
 
 # --------------------------------------------------------------------------------------------
-# packing helpers
-# --------------------------------------------------------------------------------------------
-class PackLayout(NamedTuple):
-    """Layout of a packed ``(T, C)`` token matrix: group ``g`` holds ``B_g`` sequences of ``N_g``
-    tokens in rows ``[offsets[g], offsets[g] + B_g * N_g)``, sample-major (sample ``i``'s tokens are
-    the contiguous rows ``offsets[g] + i * N_g + [0, N_g)``)."""
-
-    shapes: tuple[tuple[int, int], ...]  # ((B_g, N_g), ...)
-
-    @property
-    def sizes(self) -> list[int]:
-        return [b * n for b, n in self.shapes]
-
-    @property
-    def offsets(self) -> list[int]:
-        out, acc = [], 0
-        for s in self.sizes:
-            out.append(acc)
-            acc += s
-        return out
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
-
-
-def pack_groups(xs: Sequence[Tensor]) -> tuple[Tensor, PackLayout]:
-    """``[(B_g, N_g, C)] -> ((T, C), layout)`` with ``T = sum_g B_g * N_g`` (one copy)."""
-    if not xs:
-        raise ValueError("pack_groups: need at least one group")
-    c = xs[0].shape[-1]
-    for x in xs:
-        if x.ndim != 3 or x.shape[-1] != c or x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"pack_groups: expected non-empty (B, N, {c}) groups, got {tuple(x.shape)}")
-    layout = PackLayout(tuple((int(x.shape[0]), int(x.shape[1])) for x in xs))
-    flat = [x.reshape(-1, c) for x in xs]  # (B_g*N_g, C) views
-    return (flat[0] if len(flat) == 1 else torch.cat(flat, dim=0)), layout  # (T, C)
-
-
-def unpack_groups(x: Tensor, layout: PackLayout) -> list[Tensor]:
-    """``(T, C) -> [(B_g, N_g, C)]`` (views of ``x``)."""
-    if x.shape[0] != layout.total:
-        raise ValueError(f"unpack_groups: {x.shape[0]} rows for a layout of {layout.total} tokens")
-    return [t.view(b, n, x.shape[-1]) for t, (b, n) in zip(x.split(layout.sizes, dim=0), layout.shapes)]
-
-
-def _kept_token_index(
-    layout: PackLayout, ks: Sequence[int], device: torch.device, generator: Optional[torch.Generator]
-) -> tuple[Tensor, PackLayout]:
-    """Draw ``k_g`` kept samples per group; return the packed row index of all their tokens (sorted)
-    and the layout of the gathered kept rows ``[(k_g, N_g)]``."""
-    rows = []
-    for (b, n), k, off in zip(layout.shapes, ks, layout.offsets):
-        idx = sd._sample_keep_idx(b, k, device, generator)  # (k,) sorted sample ids
-        rows.append((off + idx[:, None] * n + torch.arange(n, device=device)).reshape(-1))  # (k*N_g,)
-    tok = rows[0] if len(rows) == 1 else torch.cat(rows)  # (T_k,)
-    return tok, PackLayout(tuple((k, n) for k, (_, n) in zip(ks, layout.shapes)))
-
-
-def _packed_drop_mask(x: Tensor, layout: PackLayout, keep_prob: float) -> Tensor:
-    """timm-DropPath mask for a packed matrix: one Bernoulli(keep_prob)/keep_prob per sample, repeated
-    over its tokens -> ``(T, 1)``. Draws ``(B_g, 1, 1)`` per group in order, like ``timm.layers.drop_path``
-    on each group's ``(B_g, N_g, C)`` tensor."""
-    masks = []
-    for b, n in layout.shapes:
-        m = x.new_empty(b, 1, 1).bernoulli_(keep_prob)
-        if keep_prob > 0.0:
-            m.div_(keep_prob)
-        masks.append(m.expand(b, n, 1).reshape(b * n, 1))
-    return masks[0] if len(masks) == 1 else torch.cat(masks)  # (T, 1)
-
-
-# --------------------------------------------------------------------------------------------
 # blocks
 # --------------------------------------------------------------------------------------------
-class PackedAttention(SDAttention):
-    """Multi-head self-attention (``qkv``, ``proj``; SDPA) with a packed multi-group forward."""
+class LayerScale(nn.Module):
+    """Per-channel scale ``x * gamma`` (parameter name ``gamma`` as in timm)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    """``fc1 -> GELU -> fc2`` (timm ``Mlp`` parameter names), token-wise: any ``(..., C)``."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PackedAttention(nn.Module):
+    """Multi-head self-attention (``qkv``, ``proj``; SDPA) with a dense and a packed multi-group forward."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, N, C) -> (B, N, C)``."""
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # 3 x (B, h, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, hd)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))  # (B, N, C)
 
     def forward_packed(self, x: Tensor, layout: PackLayout) -> Tensor:
         """``(T, C) -> (T, C)``; attention only within each sequence of each group."""
@@ -172,8 +145,10 @@ class PackedBlock(nn.Module):
     """Pre-norm ViT block (timm ``Block`` names) with a packed forward and stochastic depth.
 
     ``forward(x)``: ``(B, N, C)``; ``forward_packed(x, layout)``: packed ``(T, C)``. ``drop_path`` is
-    this block's rate; ``drop_path_mode`` ``"efficient"`` (sample subset, dropped samples do no compute)
-    or ``"mask"`` (timm DropPath). With ``init_values`` the branches are scaled by :class:`LayerScale`.
+    this block's rate; ``drop_path_mode`` ``"efficient"`` (sample subset, dropped samples do no compute:
+    :func:`~sslkit.layers.stochastic_depth.drop_add_residual` / ``drop_add_residual_packed``) or ``"mask"``
+    (timm DropPath: ``timm.layers.drop_path`` / ``drop_path_residual_packed``). The attention and MLP
+    branches draw independently. With ``init_values`` the branches are scaled by :class:`LayerScale`.
     In eval (or rate 0) numerically the same as ``timm.models.vision_transformer.Block(dim, num_heads,
     mlp_ratio, qkv_bias, init_values=init_values)``, whose state dict loads with ``strict=True``.
     """
@@ -199,7 +174,7 @@ class PackedBlock(nn.Module):
         self.attn = PackedAttention(dim, num_heads, qkv_bias=qkv_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = SDMlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
     # branches ------------------------------------------------------------------------------
@@ -233,23 +208,9 @@ class PackedBlock(nn.Module):
         branch: Callable[[Tensor, PackLayout], Tensor],
         generator: Optional[torch.Generator],
     ) -> Tensor:
-        d = self.drop_path
-        if not self.training or d == 0.0:
-            return x + branch(x, layout)  # (T, C)
-        if self.drop_path_mode == "mask":
-            return x + branch(x, layout) * _packed_drop_mask(x, layout, 1.0 - d)  # (T, C) * (T, 1)
-        ks = [keep_count(b, d) for b, _ in layout.shapes]
-        if all(k == b for k, (b, _) in zip(ks, layout.shapes)):  # tiny groups: nothing to drop
-            return x + branch(x, layout)
-        tok, kept = _kept_token_index(layout, ks, x.device, generator)  # (T_k,)
-        out = branch(x.index_select(0, tok), kept)  # (T_k, C): compute on kept samples only
-        scales = [b / k for k, (b, _) in zip(ks, layout.shapes)]
-        if len(set(scales)) > 1:  # per-group B_g / k_g, repeated over the group's kept tokens
-            s = torch.cat([out.new_full((k * n, 1), sc) for sc, (k, n) in zip(scales, kept.shapes)])
-            out, alpha = out * s, 1.0  # (T_k, C)
-        else:
-            alpha = scales[0]
-        return sd._add_subset(x, tok, out, alpha)  # (T, C), dropped rows: exactly x
+        if self.drop_path_mode == "efficient":
+            return drop_add_residual_packed(x, layout, branch, self.drop_path, self.training, generator)
+        return drop_path_residual_packed(x, layout, branch, self.drop_path, self.training)
 
     def forward_packed(
         self, x: Tensor, layout: PackLayout, generator: Optional[torch.Generator] = None
