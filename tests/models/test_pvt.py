@@ -201,12 +201,7 @@ def test_every_parameter_gets_gradient(um_pretrain: bool) -> None:
     assert no_grad == []
 
 
-def test_drop_path_linear_schedule() -> None:
-    m = make(drop_path_rate=0.3)
-    probs = [getattr(b.drop_path, "drop_prob", 0.0) for s in m.stages for b in s.blocks]
-    assert probs == pytest.approx([0.0, 0.1, 0.2, 0.3])
-
-
+# (per-block drop-path rates of the linear schedule: tests/models/test_contract.py)
 def test_grad_checkpointing_is_exact() -> None:
     m = make(num_classes=3).train()
     img = torch.randn(2, 3, 64, 64)

@@ -25,12 +25,18 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
 from sslkit.errors import ConfigError
-from sslkit.models._common import convert_exact, pyramid_cfg
+from sslkit.models._common import (
+    PyramidClassifierMixin,
+    check_global_pool,
+    convert_exact,
+    linear_drop_path_rates,
+    pyramid_cfg,
+)
 from sslkit.models.pos_embed import grid_coords, sincos_2d
 
 __all__ = ["PVT", "convert_um_pretrain_to_finetune", "backbone_keys"]
@@ -177,7 +183,7 @@ class Stage(nn.Module):
         return x
 
 
-class PVT(nn.Module):
+class PVT(PyramidClassifierMixin, nn.Module):
     """Pyramid Vision Transformer implementing ``docs/backbone_interface.md``.
 
     Args:
@@ -186,7 +192,20 @@ class PVT(nn.Module):
         patch_size: stem stride (``stem_stride``).
         um_pretrain: UM-MAE pretraining adaptation (halved spatial-reduction ratios).
         img_size: informational only (nominal input size); any size divisible by ``reduction`` works.
+        num_classes: head outputs (0: ``head`` is Identity). The head is initialized trunc-normal(2e-5),
+            zero bias, here and by ``reset_classifier`` (:func:`sslkit.models._common.init_head`).
+        global_pool: ``"avg"`` (mean over the last stage) or ``""`` (no pooling); see
+            :class:`~sslkit.models._common.PyramidClassifierMixin` for ``forward_head`` /
+            ``reset_classifier``.
+        drop_rate: dropout before the head (timm's ``drop_rate``).
+        drop_path_rate: stochastic depth, ramped LINEARLY over all blocks of all stages
+            (``drop_path_schedule = "linear"``, timm / official PVT convention): block ``i`` of ``n``
+            (in order, across stages) drops its residual branches with probability
+            ``drop_path_rate * i / (n - 1)``, i.e. 0 for the first block and ``drop_path_rate`` for the
+            last. (The sslkit ViT uses the same rate in every block instead.)
     """
+
+    drop_path_schedule: str = "linear"  # per-block rates: see drop_path_rate above
 
     def __init__(
         self,
@@ -200,6 +219,7 @@ class PVT(nn.Module):
         num_heads: Sequence[int] = (1, 2, 5, 8),
         mlp_ratios: Sequence[float] = (8, 8, 4, 4),
         sr_ratios: Sequence[int] = (8, 4, 2, 1),
+        drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         um_pretrain: bool = False,
     ) -> None:
@@ -209,12 +229,12 @@ class PVT(nn.Module):
             raise ConfigError("PVT: embed_dims, depths, num_heads, mlp_ratios, sr_ratios need one entry per stage")
         if embed_dims[0] % 4:
             raise ConfigError(f"PVT: embed_dims[0]={embed_dims[0]} must be a multiple of 4 (sin-cos pos. embedding)")
-        if global_pool != "avg":
-            raise ConfigError(f"PVT: only global_pool='avg' is supported, got {global_pool!r}")
         self.img_size = img_size
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.global_pool = "avg"
+        self.global_pool = check_global_pool(global_pool, "PVT")
+        self.drop_rate = float(drop_rate)
+        self.drop_path_rate = float(drop_path_rate)
         self.embed_dims = tuple(int(d) for d in embed_dims)
         self.depths = tuple(int(d) for d in depths)
         self.num_features = self.head_hidden_size = self.embed_dims[-1]
@@ -224,8 +244,7 @@ class PVT(nn.Module):
         self.sr_ratios = _um_sr_ratios(sr_ratios) if um_pretrain else tuple(int(r) for r in sr_ratios)
 
         self.patch_embed = PatchEmbed(self.stem_stride, in_chans, self.embed_dims[0])
-        n = sum(depths)
-        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear stochastic-depth rule
+        dpr = linear_drop_path_rates(drop_path_rate, sum(depths))
         stages, k = [], 0
         for i in range(S):
             stages.append(
@@ -242,12 +261,14 @@ class PVT(nn.Module):
             k += depths[i]
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(self.num_features, eps=FINAL_NORM_EPS)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
         self._init_weights()
+        self.head = self._new_head(num_classes)  # after the backbone init: same init as reset_classifier
 
     # ----------------------------------------------------------------------------------- init
     def _init_weights(self) -> None:
-        """Reference init: xavier-uniform Linear, fan-out normal Conv2d, stem like a Linear, tiny head."""
+        """Reference backbone init: xavier-uniform Linear, fan-out normal Conv2d, stem like a Linear.
+        (The head is built afterwards by ``_new_head``.)"""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -261,12 +282,6 @@ class PVT(nn.Module):
                 nn.init.zeros_(m.bias)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        self._init_head()
-
-    def _init_head(self) -> None:
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=2e-5)
-            nn.init.zeros_(self.head.bias)
 
     # ------------------------------------------------------------------------ timm convention
     @torch.jit.ignore
@@ -295,16 +310,7 @@ class PVT(nn.Module):
         for s in self.stages:
             s.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ConfigError(f"PVT: only global_pool='avg' is supported, got {global_pool!r}")
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_head()
+    # get_classifier / reset_classifier / forward_head: PyramidClassifierMixin
 
     # -------------------------------------------------------------------------------- forward
     def stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,10 +337,6 @@ class PVT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(1, 2))  # (B, C)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -30,7 +30,13 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from sslkit.errors import ConfigError
-from sslkit.models._common import convert_exact, pyramid_cfg
+from sslkit.models._common import (
+    PyramidClassifierMixin,
+    check_global_pool,
+    convert_exact,
+    linear_drop_path_rates,
+    pyramid_cfg,
+)
 from sslkit.models.pos_embed import grid_coords
 
 __all__ = [
@@ -337,8 +343,30 @@ class SwinStage(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- backbone
-class SwinUM(nn.Module):
-    """UM-MAE Swin backbone (see the module docstring). Implements ``docs/backbone_interface.md``."""
+class SwinUM(PyramidClassifierMixin, nn.Module):
+    """UM-MAE Swin backbone (see the module docstring). Implements ``docs/backbone_interface.md``.
+
+    Args:
+        embed_dim, depths, num_heads, mlp_ratio, qkv_bias, posmlp_dim: architecture (stage ``i`` has
+            ``embed_dim * 2**i`` channels; ``posmlp_dim`` is the width of the bias MLPs).
+        patch_size: stem stride (``stem_stride``).
+        window_size: attention window (default 8 with ``um_pretrain``, else 16).
+        um_pretrain: UM-MAE pretraining adaptation (window 8).
+        img_size: informational only (nominal input size); any size divisible by ``reduction`` works.
+        num_classes: head outputs (0: ``head`` is Identity). The head is initialized trunc-normal(2e-5),
+            zero bias, here and by ``reset_classifier`` (:func:`sslkit.models._common.init_head`).
+        global_pool: ``"avg"`` (mean over the last stage) or ``""`` (no pooling); see
+            :class:`~sslkit.models._common.PyramidClassifierMixin` for ``forward_head`` /
+            ``reset_classifier``.
+        drop_rate: dropout before the head (timm's ``drop_rate``).
+        drop_path_rate: stochastic depth, ramped LINEARLY over all blocks of all stages
+            (``drop_path_schedule = "linear"``, timm / official Swin convention): block ``i`` of ``n``
+            (in order, across stages) drops its residual branches with probability
+            ``drop_path_rate * i / (n - 1)``, i.e. 0 for the first block and ``drop_path_rate`` for the
+            last. (The sslkit ViT uses the same rate in every block instead.)
+    """
+
+    drop_path_schedule: str = "linear"  # per-block rates: see drop_path_rate above
 
     def __init__(
         self,
@@ -361,16 +389,15 @@ class SwinUM(nn.Module):
         super().__init__()
         if len(depths) != len(num_heads):
             raise ConfigError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
-        if global_pool not in ("avg", ""):
-            raise ConfigError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         self.um_pretrain = um_pretrain
         self.window_size = int(window_size) if window_size is not None else (8 if um_pretrain else 16)
         self.img_size = img_size  # informational: any size divisible by `reduction` works
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.global_pool = check_global_pool(global_pool, "SwinUM")
         self.drop_rate = drop_rate
+        self.drop_path_rate = float(drop_path_rate)
         S = len(depths)
         self.embed_dims = tuple(embed_dim * 2**i for i in range(S))
         self.num_features = self.head_hidden_size = self.embed_dims[-1]
@@ -379,7 +406,7 @@ class SwinUM(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, _LayerNorm)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = linear_drop_path_rates(drop_path_rate, sum(depths))
         self.stages = nn.ModuleList()
         for i in range(S):
             first = sum(depths[:i])
@@ -392,12 +419,12 @@ class SwinUM(nn.Module):
             )  # fmt: skip
         self.norm = _LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
+        self.head = self._new_head(num_classes)  # after the backbone init: same init as reset_classifier
 
     def _init_weights(self) -> None:
-        """Official UM-MAE init: xavier Linear, fan-out normal conv (incl. the bias MLP, 1x1 convs there),
-        xavier on the flattened stem conv."""
+        """Official UM-MAE backbone init: xavier Linear, fan-out normal conv (incl. the bias MLP, 1x1 convs
+        there), xavier on the flattened stem conv. (The head is built afterwards by ``_new_head``.)"""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -443,20 +470,7 @@ class SwinUM(nn.Module):
         for s in self.stages:
             s.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ConfigError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.xavier_uniform_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+    # get_classifier / reset_classifier / forward_head: PyramidClassifierMixin
 
     # -------------------------------------------------------------------------------- forward
     def stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -482,12 +496,6 @@ class SwinUM(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))  # (B, C)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
