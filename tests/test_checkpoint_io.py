@@ -8,9 +8,17 @@ from sslkit import checkpoint as ck
 from sslkit.errors import CheckpointError
 
 
+def state(step: int, **fields):
+    """A complete checkpoint (every key of ``ck.Checkpoint``) with placeholder values, ``fields`` on top."""
+    return {"format_version": ck.FORMAT_VERSION, "sslkit_version": "test", "method": "umae",
+            "model_config": {"name": "sslkit_pvt_test", "kwargs": {}}, "model": {}, "optimizer": {}, "scaler": {},
+            "step": step, "data_state": {}, "rng": {}, "config": {}, "derived": {}, "wandb_id": None, "metrics": {},
+            **fields}
+
+
 def test_atomic_save_and_weights_only_load(tmp_path):
     p = tmp_path / "c" / "last.pt"
-    ck.save_training_state(p, step=3, model={"w": torch.ones(2)}, rng=ck.rng_state(), config={"a": [1, 2]})
+    ck.save_training_state(p, state(3, model={"w": torch.ones(2)}, rng=ck.rng_state(), config={"a": [1, 2]}))
     out = ck.load(p)
     assert out["format_version"] == ck.FORMAT_VERSION and out["step"] == 3
     assert torch.load(p, weights_only=True)["config"] == {"a": [1, 2]}
@@ -55,7 +63,7 @@ def test_pickle_with_arbitrary_objects_and_truncated_files_are_refused(tmp_path,
         ck.load(evil)
     assert "unpickled arbitrary code" not in capsys.readouterr().out
     good = tmp_path / "good.pt"
-    ck.save_training_state(good, step=1, model={"w": torch.randn(1000)})
+    ck.save_training_state(good, state(1, model={"w": torch.randn(1000)}))
     data = good.read_bytes()
     for cut in (len(data) // 2, len(data) - 10):
         (tmp_path / "cut.pt").write_bytes(data[:cut])
@@ -67,14 +75,14 @@ def test_saving_non_plain_objects_fails_before_writing(tmp_path):
     from omegaconf import OmegaConf
 
     p = tmp_path / "last.pt"
-    ck.save_training_state(p, step=1)
+    ck.save_training_state(p, state(1))
     with pytest.raises(TypeError, match=r"checkpoint\['model_config'\]\['kwargs'\]\['dims'\] is a omegaconf"):
-        ck.save_training_state(p, step=2, model_config={"kwargs": {"dims": OmegaConf.create([1, 2])}})
+        ck.save_training_state(p, state(2, model_config={"kwargs": {"dims": OmegaConf.create([1, 2])}}))
     assert ck.load(p)["step"] == 1  # the good checkpoint is untouched
 
 
 def test_model_kwargs_lists_from_yaml_are_plain_in_the_checkpoint():
-    from sslkit.cli import compose
+    from sslkit.config import compose
     from sslkit.methods import build_method
 
     m = build_method(compose(["model=sslkit_pvt_test", "++model.kwargs.depths=[1,1,1,1]"]))
@@ -84,8 +92,8 @@ def test_model_kwargs_lists_from_yaml_are_plain_in_the_checkpoint():
 
 def test_find_resume_falls_back_to_newest_readable(tmp_path):
     d = tmp_path / "checkpoints"
-    ck.save_training_state(d / "step_2.pt", step=2)
-    ck.save_training_state(d / "step_4.pt", step=4)
+    ck.save_training_state(d / "step_2.pt", state(2))
+    ck.save_training_state(d / "step_4.pt", state(4))
     (d / "last.pt").write_bytes(b"truncated")
     with pytest.warns(UserWarning, match="unreadable"):
         got = ck.find_resume(tmp_path, "auto")
@@ -96,14 +104,14 @@ def test_find_resume_falls_back_to_newest_readable(tmp_path):
 
 def test_prune_keeps_newest(tmp_path):
     for s in (1, 2, 3, 10):
-        ck.save_training_state(tmp_path / f"step_{s}.pt", step=s)
+        ck.save_training_state(tmp_path / f"step_{s}.pt", state(s))
     ck.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10.pt", "step_3.pt"]
 
 
 def test_prune_keeps_permanent_milestones(tmp_path):
     for s in range(1, 11):
-        ck.save_training_state(tmp_path / f"step_{s}.pt", step=s)
+        ck.save_training_state(tmp_path / f"step_{s}.pt", state(s))
     ck.prune(tmp_path, keep_last=2, keep_permanent_every=4)
     assert sorted(int(p.stem[5:]) for p in tmp_path.iterdir()) == [4, 8, 9, 10]
 

@@ -6,9 +6,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from sslkit.cli import compose, config_dir
-from sslkit.config import derive
+from sslkit.config import ComposeError, compose, config_dir, derive
 from sslkit.errors import ConfigError
+from sslkit.methods import METHODS
 
 _ALL = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 EXPERIMENTS = [e for e in _ALL if not e.startswith("finetune_")]  # pretraining (sslkit-pretrain)
@@ -27,7 +27,7 @@ def test_every_experiment_composes_and_resolves(experiment):
     else:
         cfg = compose([f"experiment={experiment}"])
     OmegaConf.resolve(cfg)
-    assert cfg.method.name in ("umae", "simmim", "dinov2", "classify")
+    assert cfg.method.name in METHODS
     assert cfg.model.img_size == cfg.method.view.size
 
 
@@ -48,13 +48,7 @@ def test_every_group_option_composes(group):
         overrides = [f"{group}={p.stem}"]
         if group == "data" and p.stem != "synthetic":
             overrides.append("data.path=/nonexistent")
-        if p.stem.startswith("dinov2"):  # the default experiment (umae_demo) sets UM-MAE keys
-            overrides.append("experiment=dinov2_demo")
-        if p.stem == "classify":  # the fine-tuning method lives in the finetune primary config
-            cfg = compose(overrides + ["method.num_classes=8"], config_name="finetune")
-        else:
-            cfg = compose(overrides)
-        OmegaConf.resolve(cfg)
+        OmegaConf.resolve(compose(overrides))  # any option on its own: no experiment ties the groups together
 
 
 def test_dinov2_recipe_values():
@@ -80,6 +74,61 @@ def test_default_is_the_umae_demo():
     cfg = compose([])
     assert cfg.method.name == "umae" and cfg.model.name == "sslkit_pvt_test" and cfg.data.name == "synthetic"
     assert cfg.method.view.size == 64 and cfg.method.unit == 8
+    assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(compose(["experiment=umae_demo"]),
+                                                                               resolve=True)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_has_its_yaml_and_schema(name):
+    cfg = compose([f"method={name}"])  # configs/method/<name>.yaml extends the registered <name>_schema
+    assert cfg.method.name == name and OmegaConf.get_type(cfg.method) is METHODS[name].config_class
+
+
+def test_a_method_and_model_compose_without_an_experiment():
+    cfg = compose(["method=dinov2_tiny", "model=sslkit_vit_test", "optim=dinov2"])
+    assert (cfg.method.name, cfg.model.name, cfg.optim.lr_scaling) == ("dinov2", "sslkit_vit_test", "sqrt")
+
+
+@pytest.mark.parametrize("override,key,allowed", [
+    ("trainer.precision=fp64", "trainer.precision", "auto, fp32, bf16, fp16"),
+    ("trainer.strategy=deepspeed", "trainer.strategy", "single, ddp, fsdp"),
+    ("data.on_error=ignore", "data.on_error", "skip, raise"),
+    ("optim.lr_scaling=log", "optim.lr_scaling", "linear, sqrt"),
+    ("method=dinov2_tiny method.centering=center", "method.centering", "sinkhorn_knopp, softmax"),
+    ("data.name=mnist", "data.name", "synthetic, image_folder"),
+])
+def test_string_choices_fail_at_compose_naming_key_and_choices(override, key, allowed):
+    with pytest.raises(ComposeError) as e:
+        compose(override.split())
+    assert key in str(e.value) and allowed in str(e.value)
+    assert isinstance(e.value, ConfigCompositionException) and isinstance(e.value, ConfigError)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("optim.blr=-1", "optim.blr=-1.0: must be > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1: must be >= 0"),
+    ("optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0]: must be 2 numbers, each in [0.0, 1.0)"),
+    ("optim.layer_decay=0", "optim.layer_decay=0.0: must be in (0.0, 1.0]"),
+    ("method.secondary_mask_ratio=1.0", "method.secondary_mask_ratio=1.0: must be in [0.0, 1.0)"),
+    ("method.view.scale=[0.9,0.2]", "method.view.scale=[0.9, 0.2]: must be [min, max] with min <= max"),
+    ("data.batch_size=0", "data.batch_size=0: must be > 0"),
+    ("trainer.accum_steps=0", "trainer.accum_steps=0: must be > 0"),
+    ("model.drop_path_rate=1.5", "model.drop_path_rate=1.5: must be in [0.0, 1.0]"),
+    ("optim=dinov2 optim.lr_mult.patch_embed=-1", "optim.lr_mult={'patch_embed': -1.0}: every factor must be > 0"),
+    ("method=dinov2_tiny method.ema_momentum=0.999 method.ema_momentum_end=0.99",
+     "method.ema_momentum=0.999: must be <= ema_momentum_end=0.99"),
+    ("method=dinov2_tiny method.view.n_global=1", "method.view.n_global=1: must be >= 2"),
+])
+def test_ranges_fail_at_compose_naming_key_value_and_rule(override, expected):
+    with pytest.raises(ConfigError) as e:
+        compose(override.split())
+    assert expected in str(e.value)
+
+
+def test_every_range_violation_is_listed_at_once():
+    with pytest.raises(ConfigError) as e:
+        compose(["optim.blr=-1", "data.batch_size=0"])
+    assert "optim.blr=-1.0" in str(e.value) and "data.batch_size=0" in str(e.value)
 
 
 @pytest.mark.parametrize("override,key", [("method.secondary_mask_ratoi=0.3", "secondary_mask_ratoi"),

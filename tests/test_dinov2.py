@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sslkit.cli import compose
+from sslkit.config import compose
 from sslkit.errors import ConfigError
 from sslkit.methods import build_method
 from sslkit.methods.dinov2 import DINOv2
@@ -91,7 +91,7 @@ def test_after_step_is_the_ema_formula_and_advances_the_step():
         for p in m.student.parameters():
             p.add_(0.1)
     t0 = {n: p.clone() for n, p in m.teacher.named_parameters()}
-    logs = m.after_step(7, 100)
+    logs = m.after_step(7)
     mom = cosine(6, 100, 0.992, 1.0)
     assert logs["ema_momentum"] == pytest.approx(mom)
     s = dict(m.student.named_parameters())

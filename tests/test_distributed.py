@@ -140,7 +140,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[list[str], str]])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), WANDB_MODE="disabled")
     torch.set_num_threads(1)
-    from sslkit.cli import compose, run_pretrain
+    from sslkit.config import compose
+    from sslkit.tasks import run_pretrain
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -171,7 +172,8 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """One spawn of 2 gloo processes runs every distributed job; the single-process references run here."""
-    from sslkit.cli import compose, run_pretrain
+    from sslkit.config import compose
+    from sslkit.tasks import run_pretrain
 
     root = tmp_path_factory.mktemp("dist")
     ddp = ["trainer.strategy=ddp", "data.batch_size=4"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sslkit import checkpoint as ck
-from sslkit.cli import compose, run_pretrain
+from sslkit.config import compose
+from sslkit.tasks import run_pretrain
 from sslkit.errors import TrainingError
 from tests.test_config import EXPERIMENTS
 

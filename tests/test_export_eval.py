@@ -8,7 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from sslkit import checkpoint as ck
-from sslkit.cli import compose, eval_knn, export, export_main, run_pretrain
+from sslkit.cli import export_main
+from sslkit.config import compose
+from sslkit.evaluation import eval_knn
+from sslkit.export import export
+from sslkit.tasks import run_pretrain
 from sslkit.errors import CheckpointError
 
 FAST = ["logger.wandb.mode=disabled", "trainer.progress=false", "trainer.summary=false", "data.num_workers=0",

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sslkit import checkpoint as ck
-from sslkit.cli import compose, run_finetune, run_pretrain
+from sslkit.config import compose
+from sslkit.tasks import run_finetune, run_pretrain
 from sslkit.errors import CheckpointError
 from sslkit.methods import build_method
 from tests.test_config import FINETUNE_EXPERIMENTS
@@ -156,7 +157,7 @@ def test_ema_of_weights_by_hand_and_frozen():
         e.fill_(1.0)
         w.fill_(3.0)
         m.backbone.bn1.running_mean.fill_(5.0)
-    m.after_step(1, 10)
+    m.after_step(1)
     assert torch.allclose(e, torch.full_like(e, 0.9 * 1.0 + 0.1 * 3.0))  # 1.2
     assert torch.equal(m.model_ema.bn1.running_mean, m.backbone.bn1.running_mean)  # buffers copied
     assert not any(p.requires_grad for p in m.model_ema.parameters())
@@ -172,7 +173,7 @@ def test_dropblock_rate_is_set_by_the_hooks_as_a_pure_function_of_the_step():
     assert len(factors) == 16 and factors.count(0.25) == 8
     m.begin(3, Derived(1, 8, 8, 1e-3, steps_per_epoch=5, total_steps=10, warmup_steps=0, dataset_size=40))
     assert [b.drop_prob for b in m.dropblocks] == pytest.approx([0.2 * 3 / 10 * f for f in factors])  # resume at 3
-    assert m.after_step(4, 10) == pytest.approx({"dropblock_drop_prob": 0.2 * 3 / 10})  # the rate step 3 used
+    assert m.after_step(4) == pytest.approx({"dropblock_drop_prob": 0.2 * 3 / 10})  # the rate step 3 used
     assert [b.drop_prob for b in m.dropblocks] == pytest.approx([0.2 * 4 / 10 * f for f in factors])
 
 

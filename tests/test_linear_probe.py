@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sslkit.cli import compose, eval_knn, eval_linear, eval_main, run_pretrain
+from sslkit.cli import eval_main
+from sslkit.config import compose
+from sslkit.evaluation import eval_knn, eval_linear
+from sslkit.tasks import run_pretrain
 from sslkit.errors import DataError
 from sslkit.evaluation import (DEFAULT_LRS, holdout_split, linear_batches, linear_probe, score_heads,
                                train_linear_heads)

@@ -4,7 +4,7 @@ and the every-parameter-gets-a-gradient contract."""
 import pytest
 import torch
 
-from sslkit.cli import compose
+from sslkit.config import compose
 from sslkit.errors import ConfigError
 from sslkit.masking import blocks_to_grid
 from sslkit.methods import build_method

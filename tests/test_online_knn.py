@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sslkit import checkpoint as ck
-from sslkit.cli import compose, run_pretrain
+from sslkit.config import compose
+from sslkit.tasks import run_pretrain
 from sslkit.errors import ConfigError
 from sslkit.evaluation import OnlineKNN, eval_sources, extract_features, knn_classify
 from sslkit.methods import build_method

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from sslkit import checkpoint as ck
-from sslkit.cli import compose, run_pretrain
+from sslkit.config import compose
+from sslkit.tasks import run_pretrain
 from sslkit.preemption import Preempted, PreemptionGuard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,12 +112,14 @@ def test_sigterm_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
 _WRITER = """
 import sys, torch
 from pathlib import Path
-from sslkit.checkpoint import save_training_state
+from sslkit.checkpoint import FORMAT_VERSION, save_training_state
 path = Path(sys.argv[1])
 for i in range(1000):
     w = torch.full((24 * 2**20,), float(i))  # 96 MB: a write takes a while
     print("writing", i, flush=True)
-    save_training_state(path, step=i, model={"w": w})
+    save_training_state(path, dict(format_version=FORMAT_VERSION, sslkit_version="test", method="umae",
+                                   model_config={"name": "m", "kwargs": {}}, model={"w": w}, optimizer={}, scaler={},
+                                   step=i, data_state={}, rng={}, config={}, derived={}, wandb_id=None, metrics={}))
     print("saved", i, flush=True)
 """
 

@@ -51,7 +51,8 @@ def test_slurm_launcher_writes_the_sbatch_script(tmp_path, monkeypatch):
     from hydra.types import HydraContext
     from hydra.utils import instantiate
 
-    from sslkit.cli import _hydra_pretrain, config_dir
+    from sslkit.cli import _hydra_pretrain
+    from sslkit.config import config_dir
     from sslkit.config import register_configs
 
     monkeypatch.setenv("PATH", f"{_fake_slurm_bin(tmp_path)}{os.pathsep}{os.environ['PATH']}")

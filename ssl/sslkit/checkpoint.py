@@ -1,13 +1,9 @@
 """The one checkpoint format: a versioned plain dict, loadable with ``torch.load(weights_only=True)``.
 
-Keys: ``format_version``, ``sslkit_version``, ``method``, ``model_config`` (timm name + kwargs that
-rebuild the backbone), ``backbone_prefix`` (where that backbone's weights are in ``model``; absent in
-older files = ``"backbone."``), ``model`` (unwrapped state dict of the method module; full, also
-after FSDP), ``optimizer`` (``Optimizer.state_dict`` format, also after FSDP), ``scaler``, ``step``,
-``data_state`` (the loader's ``state_dict``: consumed global batches / samples, epoch position),
-``rng`` (rank 0's), ``rng_ranks`` (every rank's; absent in older files), ``config`` (resolved,
-plain), ``derived``, ``wandb_id``, ``metrics``. Written by rank 0 only. Written to a temp file in the same directory, fsync'ed, then renamed, so a
-crash never leaves a half-written ``last.pt``.
+Its keys are the ``Checkpoint`` TypedDict below (the writer builds one, ``load`` checks them). Written
+by rank 0 only, to a temp file in the same directory, fsync'ed, then renamed, so a crash never leaves
+a half-written ``last.pt``; ``save_training_state`` refuses anything ``weights_only`` could not read
+back, so a good checkpoint is never replaced by an unloadable one.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 import numpy as np
 import torch
@@ -27,6 +23,48 @@ from sslkit.errors import CheckpointError
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+DEFAULT_BACKBONE_PREFIX = "backbone."
+
+
+class ModelSpec(TypedDict):
+    """What rebuilds the backbone: ``timm.create_model(name, **kwargs)``."""
+
+    name: str
+    kwargs: dict[str, Any]
+
+
+class _CheckpointOptional(TypedDict, total=False):
+    backbone_prefix: str  # where the backbone's weights are in ``model``; absent in older files: "backbone."
+    rng_ranks: list[dict[str, Any]]  # every rank's RNG state; absent in older files
+
+
+class Checkpoint(_CheckpointOptional):
+    """The one checkpoint format (``format_version`` 1)."""
+
+    format_version: int
+    sslkit_version: str
+    method: str  # the registered method's name
+    model_config: ModelSpec
+    model: dict[str, torch.Tensor]  # unwrapped state dict of the method module (full, also after FSDP)
+    optimizer: dict[str, Any]  # Optimizer.state_dict() format (parameter indices), also after FSDP
+    scaler: dict[str, Any]
+    step: int  # optimizer steps done
+    data_state: dict[str, int]  # the loader's state_dict: consumed global batches / samples, epoch position
+    rng: dict[str, Any]  # rank 0's RNG state (rng_state())
+    config: dict[str, Any]  # the resolved config, plain
+    derived: dict[str, Any]  # config.Derived as a dict
+    wandb_id: Optional[str]
+    metrics: dict[str, float]  # the last logged metrics
+
+
+REQUIRED_KEYS = frozenset(Checkpoint.__required_keys__)
+KEYS = REQUIRED_KEYS | frozenset(Checkpoint.__optional_keys__)
+
+
+def backbone_state(ckpt: Checkpoint) -> tuple[str, dict[str, torch.Tensor]]:
+    """The backbone's prefix and its weights (prefix stripped) from a checkpoint's ``model``."""
+    prefix = str(ckpt.get("backbone_prefix", DEFAULT_BACKBONE_PREFIX))
+    return prefix, {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -76,7 +114,7 @@ def atomic_save(obj: dict[str, Any], path: Path) -> None:
             tmp.unlink()
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load and validate a checkpoint (weights_only). Raises CheckpointError with the fix."""
     path = Path(path)
     if not path.is_file():
@@ -103,7 +141,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if ckpt["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format_version {ckpt['format_version']}, this sslkit reads "
                               f"version {FORMAT_VERSION}: use the sslkit release that wrote it")
-    return ckpt
+    missing = sorted(REQUIRED_KEYS - set(ckpt))
+    if missing:
+        raise CheckpointError(f"{path} (format_version {FORMAT_VERSION}) lacks the keys {missing}: it is damaged or was "
+                              f"not written by sslkit")
+    return ckpt  # type: ignore[return-value]
 
 
 def step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -115,7 +157,7 @@ def step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def find_resume(run_dir: Path, resume: str) -> Optional[dict[str, Any]]:
+def find_resume(run_dir: Path, resume: str) -> Optional[Checkpoint]:
     """``auto``: newest readable checkpoint in ``run_dir/checkpoints`` (last.pt, else step_<N>.pt,
     newest first, warning about unreadable ones); ``never``: None; otherwise a path that must load."""
     if resume == "never":
@@ -124,7 +166,7 @@ def find_resume(run_dir: Path, resume: str) -> Optional[dict[str, Any]]:
         return load(resume)
     ckpt_dir = Path(run_dir) / "checkpoints"
     candidates = [ckpt_dir / "last.pt"] + [p for _, p in reversed(step_checkpoints(ckpt_dir))]
-    best: Optional[dict[str, Any]] = None
+    best: Optional[Checkpoint] = None
     for p in candidates:
         if not p.exists():
             continue
@@ -158,10 +200,15 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
                         f"tensors, numbers, strings and plain lists/dicts (convert configs with OmegaConf.to_container)")
 
 
-def save_training_state(path: Path, **fields: Any) -> None:
-    obj = {"format_version": FORMAT_VERSION, **fields}
-    check_plain(obj)
-    atomic_save(obj, path)
+def save_training_state(path: Path, state: Checkpoint) -> None:
+    """Write ``state`` atomically after checking it has exactly the format's keys and only plain values."""
+    state = {"format_version": FORMAT_VERSION, **state}  # type: ignore[assignment]
+    missing, unknown = sorted(REQUIRED_KEYS - set(state)), sorted(set(state) - KEYS)
+    if missing or unknown:
+        raise TypeError(f"not a checkpoint of format {FORMAT_VERSION}: missing keys {missing}, unknown keys {unknown} "
+                        f"(the format is checkpoint.Checkpoint)")
+    check_plain(state)
+    atomic_save(state, path)  # type: ignore[arg-type]
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep_permanent_every: Optional[int] = None) -> None:

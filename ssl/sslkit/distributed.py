@@ -51,6 +51,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sslkit.checkpoint import unwrap
+from sslkit.data.loader import derive_seed
 from sslkit.errors import ConfigError
 
 STRATEGIES = ("single", "ddp", "fsdp")
@@ -241,8 +243,6 @@ class Dist:
         the single-process stream, rank r > 0 is reseeded from (seed, r). Call after building the model
         (identical init on every rank)."""
         if self.rank:
-            from sslkit.data.loader import derive_seed
-
             torch.manual_seed(derive_seed(int(seed), 0x5EED, self.rank))
 
     def gather_rng(self, local: dict[str, Any]) -> list[dict[str, Any]]:
@@ -267,8 +267,6 @@ class Dist:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        from sslkit.checkpoint import unwrap
-
         return unwrap(method).state_dict() if self.is_main else {}
 
     def optimizer_state(self, method: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:

@@ -1,13 +1,16 @@
-"""The training loop: method-agnostic, one screen long.
+"""The training loop: method-agnostic, one screen long (``train``), and its assembly (``build_run``).
 
-schedules(step) -> forward under autocast -> backward (accumulate) -> clip -> optimizer step ->
-method.after_step -> log -> checkpoint. Everything method-specific is behind ``Method``.
+``build_run(cfg, run_dir)`` puts a run together: runtime and process group, method, data source and
+loader, derived lengths, optimizer, scaler, schedule, logger, online kNN, and the state of the newest
+checkpoint when resuming. ``train`` is the loop: schedules(step) -> forward under autocast ->
+backward (accumulate) -> clip -> optimizer step -> method.after_step -> log -> checkpoint.
+Everything method-specific is behind ``Method``, everything multi-process behind ``Dist``.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -18,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 import sslkit
 from sslkit import checkpoint as ckpt_io
 from sslkit import distributed
-from sslkit.config import Derived, derive, to_plain
-from sslkit.data import build_pretrain_loader, build_source
+from sslkit.config import Derived, derive, to_plain, validate
+from sslkit.data import PretrainLoader, build_pretrain_loader, build_source
+from sslkit.distributed import Dist
 from sslkit.errors import CheckpointError, ConfigError, TrainingError
 from sslkit.evaluation import OnlineKNN
 from sslkit.methods import Method, build_method
@@ -46,7 +50,7 @@ def setup_runtime(tcfg: Any) -> Runtime:
     prec = str(tcfg.precision)
     if prec == "auto":  # bf16 where the hardware has it; fp32 on CPU (bf16 autocast is slow on most CPUs)
         prec = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    if prec not in ("fp32", "bf16", "fp16"):
+    if prec not in ("fp32", "bf16", "fp16"):  # (composed configs: checked at compose time)
         raise ConfigError(f"trainer.precision={prec!r}: use auto, fp32, bf16 or fp16")
     if prec == "fp16" and device.type != "cuda":
         raise ConfigError("trainer.precision=fp16 needs CUDA (GradScaler); on CPU use bf16 or fp32")
@@ -96,23 +100,76 @@ class TrainResult:
     is_main: bool = True  # rank 0 (the process that logs, writes checkpoints and summarizes)
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
-    run_dir = Path(run_dir)
-    tc = cfg.trainer
+@dataclass
+class Run:
+    """A run put together by ``build_run``: what the loop reads and steps, and how it saves."""
+
+    cfg: DictConfig
+    run_dir: Path
+    runtime: Runtime
+    dist: Dist
+    method: Method  # the unwrapped method (state dicts, hooks)
+    fwd: torch.nn.Module  # what the loop calls: DDP / compiled / FSDP-sharded method
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: OptimSchedule
+    derived: Derived
+    loader: PretrainLoader
+    log: RunLogger
+    online_knn: Optional[OnlineKNN]
+    preempt: PreemptionGuard
+    agree: Optional[Callable[[bool], bool]]  # flag -> any rank's flag (None in one process)
+    config: dict[str, Any]  # the resolved plain config (saved in checkpoints and config.yaml)
+    step: int  # optimizer steps done
+
+    @property
+    def stop(self) -> int:
+        """The step this invocation ends at (``trainer.stop_after`` ends it early; the schedule still spans the run)."""
+        t = self.cfg.trainer.stop_after
+        return min(self.derived.total_steps, int(t)) if t is not None else self.derived.total_steps
+
+    def autocast(self) -> AbstractContextManager:
+        rt = self.runtime
+        return torch.autocast(rt.device.type, dtype=rt.amp_dtype) if rt.amp_dtype else nullcontext()
+
+    def save(self, name: str, metrics: dict[str, float]) -> Path:
+        """Write ``checkpoints/<name>`` (every rank calls it: FSDP gathers; rank 0 writes)."""
+        path, dd = self.run_dir / "checkpoints" / name, self.dist
+        model_sd, opt_sd, rngs = dd.model_state(self.method), dd.optimizer_state(self.method, self.opt), \
+            dd.gather_rng(ckpt_io.rng_state())
+        if dd.is_main:
+            ckpt_io.save_training_state(path, ckpt_io.Checkpoint(
+                format_version=ckpt_io.FORMAT_VERSION, sslkit_version=sslkit.__version__, method=self.method.name,
+                model_config=self.method.model_config, backbone_prefix=self.method.backbone_prefix, model=model_sd,
+                optimizer=opt_sd, scaler=self.scaler.state_dict(), step=self.step,
+                data_state=self.loader.state_dict(), rng=rngs[0], rng_ranks=rngs, config=self.config,
+                derived=asdict(self.derived), wandb_id=self.log.wandb_id, metrics=metrics))
+            if name.startswith("step_"):
+                ckpt_io.prune(path.parent, int(self.cfg.trainer.keep_last), self.cfg.trainer.keep_permanent_every)
+        dd.barrier()  # nobody reads the checkpoint before it is complete
+        return path
+
+    def close(self) -> None:
+        self.preempt.restore()
+        self.log.close()
+        self.loader.close()  # stop persistent workers
+        self.dist.teardown()  # destroys the process group if setup() made it
+
+
+def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
+    """Assemble a run from a composed config, resuming from ``trainer.resume`` (``auto``: the newest
+    readable checkpoint in ``run_dir``); the method's ``begin`` gets the step and the run's lengths."""
+    validate(cfg)
+    run_dir, tc = Path(run_dir), cfg.trainer
     rt = setup_runtime(tc)
     dd = distributed.setup(str(tc.strategy), rt.device, bool(tc.ddp_find_unused))  # process group, cuda:LOCAL_RANK
     rt.device = dd.device
     seed_everything(int(tc.seed), bool(tc.deterministic) and rt.device.type == "cpu")
-
     method = build_method(cfg).to(rt.device)  # the same init on every rank
     dd.seed_rank(int(tc.seed))
     source = build_source(cfg.data)
     d = derive(cfg, len(source), dd.world_size)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
-    sched = OptimSchedule(d.total_steps, d.lr, float(cfg.optim.min_lr), d.warmup_steps,
-                          float(cfg.optim.weight_decay), cfg.optim.weight_decay_end)
-
-    step, wandb_id = 0, None
     state = ckpt_io.find_resume(run_dir, str(tc.resume))
     if state is not None:
         if state["method"] != method.name or state["model_config"]["name"] != method.model_config["name"]:
@@ -122,6 +179,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         method.load_state_dict(state["model"])
     fwd = dd.wrap(method, rt.amp_dtype)  # DDP / FSDP2 (in place) / the method itself
     opt = build_optimizer(method, cfg.optim, d.lr)  # after wrapping: FSDP2 replaces the parameters
+    step, wandb_id = 0, None
     if state is not None:
         dd.load_optimizer_state(method, opt, state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -129,7 +187,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         step, wandb_id = int(state["step"]), state["wandb_id"]
         if dd.is_main:
             print(f"[sslkit] resumed from step {step} in {run_dir}")
-
     method.begin(step, d)
     plain = to_plain(cfg)
     if dd.is_main:
@@ -144,37 +201,33 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                     bool(tc.progress), is_main=dd.is_main)
     online_knn = (OnlineKNN(cfg.data, int(cfg.method.view.size), int(tc.knn_every), int(tc.knn_train_samples),
                             int(tc.knn_val_samples)) if tc.knn_every else None)
-    fwd = torch.compile(fwd) if tc.compile else fwd
-    autocast = (lambda: torch.autocast(rt.device.type, dtype=rt.amp_dtype)) if rt.amp_dtype else nullcontext
+    agree = ranks_agree(rt.device)
+    preempt = PreemptionGuard(agree=agree).install()  # SIGTERM/USR1/USR2: stop after the step (before the workers fork)
+    schedule = OptimSchedule(d.total_steps, d.lr, float(cfg.optim.min_lr), d.warmup_steps,
+                             float(cfg.optim.weight_decay), cfg.optim.weight_decay_end)
+    return Run(cfg, run_dir, rt, dd, method, torch.compile(fwd) if tc.compile else fwd, opt, scaler, schedule, d,
+               loader, log, online_knn, preempt, agree, plain, step)
 
-    def save(path: Path, metrics: dict[str, float]) -> None:  # every rank calls it (FSDP gathers); rank 0 writes
-        model_sd, opt_sd, rngs = dd.model_state(method), dd.optimizer_state(method, opt), dd.gather_rng(ckpt_io.rng_state())
-        if dd.is_main:
-            ckpt_io.save_training_state(
-                path, sslkit_version=sslkit.__version__, method=method.name, model_config=method.model_config,
-                backbone_prefix=method.backbone_prefix, model=model_sd, optimizer=opt_sd, scaler=scaler.state_dict(),
-                step=step, data_state=loader.state_dict(), rng=rngs[0], rng_ranks=rngs, config=plain,
-                derived=asdict(d), wandb_id=log.wandb_id, metrics=metrics)
-        dd.barrier()  # nobody reads the checkpoint before it is complete
 
-    agree = ranks_agree(rt.device)  # flag -> any rank's flag (None in one process)
-    preempt = PreemptionGuard(agree=agree).install()  # SIGTERM/USR1/USR2: stop after the step
-    it: Iterator[dict[str, torch.Tensor]] = iter(loader)  # (workers fork after install: they inherit the handlers)
-    method.train()
+def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
+    """Train ``cfg`` in ``run_dir`` to the end of its schedule (or ``trainer.stop_after``), checkpointing."""
+    run = build_run(cfg, run_dir)
+    tc, method, opt, scaler, dd = cfg.trainer, run.method, run.opt, run.scaler, run.dist
+    it: Iterator[dict[str, torch.Tensor]] = iter(run.loader)
     metrics: dict[str, float] = {}
     t0, imgs = time.perf_counter(), 0
-    stop = min(d.total_steps, int(tc.stop_after)) if tc.stop_after is not None else d.total_steps
+    method.train()
     try:
-        while step < stop:
-            lr, wd = sched.lr_at(step), sched.wd_at(step)
+        while run.step < run.stop:
+            lr, wd = run.schedule.lr_at(run.step), run.schedule.wd_at(run.step)
             apply_schedule(opt, lr, wd)
             terms: dict[str, float] = {}
             for micro in range(int(tc.accum_steps)):
-                batch = to_device(next(it), rt.device)
+                batch = to_device(next(it), run.runtime.device)
                 with dd.grad_sync(micro == tc.accum_steps - 1):  # no gradient all-reduce on non-final micro-steps
-                    with autocast():
-                        out = fwd(batch)
-                    check_finite(out, step, agree)
+                    with run.autocast():
+                        out = run.fwd(batch)
+                    check_finite(out, run.step, run.agree)
                     scaler.scale(out["loss"] / tc.accum_steps).backward()
                 for k, v in out.items():
                     terms[k] = terms.get(k, 0.0) + float(v.detach()) / tc.accum_steps
@@ -185,33 +238,24 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            step += 1
-            terms.update(method.after_step(step, d.total_steps))
-            evals = online_knn(step, method) if online_knn else {}
-            terms.update(evals)
-            if step % tc.log_every == 0 or step == stop or evals:
+            run.step = step = run.step + 1
+            terms.update(method.after_step(step))
+            evals = run.online_knn(step, method) if run.online_knn else {}
+            if step % tc.log_every == 0 or step == run.stop or evals:
                 dt = time.perf_counter() - t0
-                metrics = {**dd.mean(terms), "lr": lr, "wd": wd, "images_per_s": imgs * dd.world_size / max(dt, 1e-9),
-                           "epoch": step / d.steps_per_epoch}  # metrics averaged over ranks, images of all ranks
-                log.log(step, metrics)
-                log.progress(step, {"loss": metrics["loss"], "lr": lr, "img/s": metrics["images_per_s"]})
+                metrics = {**dd.mean({**terms, **evals}), "lr": lr, "wd": wd, "images_per_s": imgs * dd.world_size /
+                           max(dt, 1e-9), "epoch": step / run.derived.steps_per_epoch}  # rank mean; all ranks' images
+                run.log.log(step, metrics)  # metrics.jsonl, wandb, the progress bar's numbers
                 t0, imgs = time.perf_counter(), 0
-            else:
-                log.progress(step)
-            if step % tc.ckpt_every == 0 or step == stop:
-                save(run_dir / "checkpoints" / "last.pt", metrics)
+            run.log.progress(step)
+            if step % tc.ckpt_every == 0 or step == run.stop:
+                run.save("last.pt", metrics)
             if tc.keep_every and step % tc.keep_every == 0:
-                save(run_dir / "checkpoints" / f"step_{step}.pt", metrics)
-                if dd.is_main:
-                    ckpt_io.prune(run_dir / "checkpoints", int(tc.keep_last), tc.keep_permanent_every)
-            if step < stop and preempt.should_stop():  # agreed by all ranks: checkpoint, then cli exits/requeues
-                if step % tc.ckpt_every:  # (else last.pt holds this step already)
-                    save(run_dir / "checkpoints" / "last.pt", metrics)
-                raise preempt.preempted(step, str(run_dir / "checkpoints" / "last.pt"))
+                run.save(f"step_{step}.pt", metrics)
+            if step < run.stop and run.preempt.should_stop():  # agreed by all ranks: checkpoint, then cli exits/requeues
+                last = run.save("last.pt", metrics) if step % tc.ckpt_every else run.run_dir / "checkpoints" / "last.pt"
+                raise run.preempt.preempted(step, str(last))
         method = dd.unsharded(method, lambda: build_method(cfg))  # FSDP: a plain copy on rank 0
     finally:
-        preempt.restore()
-        log.close()
-        loader.close()  # stop persistent workers
-        dd.teardown()  # destroys the process group if setup() made it
-    return TrainResult(run_dir, step, d, metrics, method, dd.is_main)
+        run.close()
+    return TrainResult(run.run_dir, run.step, run.derived, metrics, method, dd.is_main)

@@ -1,17 +1,35 @@
-"""Frozen-feature evaluation: weighted kNN (DINO protocol: cosine similarity, k=20, T=0.07) and a
-linear probe with a one-pass lr sweep (DINOv2-style; lr selected on held-out train data, see
-``linear_probe`` / ``LINEAR_PROTOCOL``)."""
+"""Frozen-feature evaluation, one place for all of it.
+
+- The evaluation split (``eval_split_configs`` / ``eval_sources``): train and val sources of a data
+  config, optionally thinned evenly per class. The end-of-run summary, online kNN and ``sslkit-eval``
+  all use it, so they agree by construction.
+- Protocols: weighted kNN (DINO protocol: cosine similarity, k=20, T=0.07) and a linear probe with a
+  one-pass lr sweep (DINOv2-style; lr selected on held-out train data, see ``linear_probe`` /
+  ``LINEAR_PROTOCOL``).
+- Commands on a checkpoint (``eval_knn``, ``eval_linear``), the end-of-run ``summarize`` of
+  pretraining, ``OnlineKNN`` during pretraining, and ``evaluate_classifier`` after fine-tuning.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import math
-from typing import Any, Callable, Iterator, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sslkit.checkpoint import Checkpoint
+from sslkit.config import compose
+from sslkit.data import SubsetSource, build_eval_loader, build_source
+from sslkit.data.loader import derive_seed
 from sslkit.errors import ConfigError, DataError, TrainingError
-
+from sslkit.methods import Method, build_method, embed
+from sslkit.pretrained import load_backbone
 
 @torch.no_grad()
 def extract_features(embed: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +52,8 @@ def extract_features_multi(embeds: dict[str, Callable[[torch.Tensor], torch.Tens
     labels = []
     for batch in loader:
         x = batch["images"].to(device)
-        for k, embed in embeds.items():
-            feats[k].append(F.normalize(embed(x).float(), dim=1).cpu())  # (B, C)
+        for k, fn in embeds.items():
+            feats[k].append(F.normalize(fn(x).float(), dim=1).cpu())  # (B, C)
         labels.append(batch["labels"])
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
 
@@ -43,10 +61,6 @@ def extract_features_multi(embeds: dict[str, Callable[[torch.Tensor], torch.Tens
 def eval_split_configs(data_cfg: Any) -> dict[str, Any]:
     """The train / val data configs of evaluation. Synthetic data has no split: train = the config's
     images, val = 512 images of seed + 1000; other sources use ``data.split`` (see ``split_indices``)."""
-    import copy
-
-    from omegaconf import open_dict
-
     out = {}
     for split in ("train", "val"):
         c = copy.deepcopy(data_cfg)
@@ -63,10 +77,6 @@ def eval_split_configs(data_cfg: Any) -> dict[str, Any]:
 def eval_sources(data_cfg: Any, max_train: Optional[int] = None, max_val: Optional[int] = None) -> tuple[Any, Any]:
     """The train and val sources of ``eval_split_configs``, each thinned to at most ``max_*`` samples by
     an even stride over the samples sorted by class, so every class keeps its share."""
-    import numpy as np
-
-    from sslkit.data import SubsetSource, build_source
-
     out = []
     for c, cap in zip(eval_split_configs(data_cfg).values(), (max_train, max_val)):
         src = build_source(c)  # DataError for an empty split
@@ -85,8 +95,6 @@ class OnlineKNN:
 
     def __init__(self, data_cfg: Any, size: int, every: int, max_train: int, max_val: int,
                  k: int = 20, temperature: float = 0.07) -> None:
-        from sslkit.data import build_eval_loader
-
         if every <= 0:
             raise ConfigError(f"trainer.knn_every={every}: use a positive number of steps, or null to turn it off")
         self.every, self.k, self.temperature = int(every), int(k), float(temperature)
@@ -155,8 +163,6 @@ LINEAR_PROTOCOL = (
 
 
 def _seed(seed: int, stream: int) -> int:
-    from sslkit.data.loader import derive_seed
-
     return derive_seed(int(seed), stream)
 
 
@@ -375,3 +381,168 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
             "fit_samples": len(fit_idx), "holdout_samples": len(hold_idx), "val_samples": len(val_y),
         },
     }
+
+
+# ----------------------------------------------------------------------------------------- on a checkpoint
+class EvalFeatures(NamedTuple):
+    """Frozen features of a checkpoint's backbone on the train and val splits (L2-normalized, CPU)."""
+
+    train_f: torch.Tensor  # (N, C)
+    train_y: torch.Tensor  # (N,) int64
+    val_f: torch.Tensor  # (M, C)
+    val_y: torch.Tensor  # (M,) int64
+    classes: list[str]
+    ckpt: Checkpoint
+    data: dict[str, Any]  # the data config the splits were built from
+
+
+def split_features(embeds: dict[str, Callable[[torch.Tensor], torch.Tensor]], data_cfg: Any, size: int,
+                   device: torch.device = torch.device("cpu"), max_train: Optional[int] = None,
+                   max_val: Optional[int] = None) -> tuple[dict[str, tuple[torch.Tensor, ...]], list[str]]:
+    """Features of every ``embeds[name]`` ((B, 3, S, S) -> (B, C)) on the evaluation split (``eval_sources``),
+    decoding the images once: ``{name: (train_f, train_y, val_f, val_y)}`` (L2-normalized, CPU) and the
+    class names."""
+    per_split = []
+    sources = eval_sources(data_cfg, max_train, max_val)  # DataError for an empty split
+    for src in sources:
+        per_split.append(extract_features_multi(embeds, build_eval_loader(src, data_cfg, size), device))
+    (tr, try_), (va, vy) = per_split
+    return {k: (tr[k], try_, va[k], vy) for k in embeds}, list(sources[0].classes)
+
+
+def eval_features(checkpoint: str | Path, data_cfg: Optional[DictConfig] = None) -> EvalFeatures:
+    """Load the backbone of ``checkpoint`` and extract its pooled pre-logit features on the evaluation
+    split of ``data_cfg`` (default: the checkpoint's own data config). Shared by kNN and linear."""
+    model, ckpt, _ = load_backbone(checkpoint, for_finetune=False)  # CheckpointError if missing / not ours
+    model.eval()
+    if data_cfg is None:
+        data_cfg = OmegaConf.create(ckpt["config"]["data"])
+    size = int(ckpt["config"]["method"]["view"]["size"])
+    feats, classes = split_features({"model": lambda x: embed(model, x)}, data_cfg, size)
+    return EvalFeatures(*feats["model"], classes, ckpt, OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True))
+
+
+def _data_cfg(data: Optional[DictConfig | Sequence[str]]) -> Optional[DictConfig]:
+    """``data`` as a data config: None (the checkpoint's), a config, or ``data=...`` / ``data.*`` overrides
+    (composed from the packaged defaults, not merged with the checkpoint's)."""
+    if data is None or isinstance(data, DictConfig):
+        return data
+    return compose(list(data)).data if data else None
+
+
+def eval_knn(checkpoint: str | Path, data: Optional[DictConfig | Sequence[str]] = None, k: int = 20,
+             temperature: float = 0.07, out: Optional[str | Path] = None) -> dict[str, float]:
+    """Weighted kNN on frozen features: train split -> val split of the checkpoint's data config
+    (or of ``data``: a data config or ``data=...`` overrides)."""
+    f = eval_features(checkpoint, _data_cfg(data))
+    check_eval_labels(f.train_y, f.val_y, len(f.classes), f.classes, what="kNN")
+    res = knn_classify(f.train_f, f.train_y, f.val_f, f.val_y, k=k, temperature=temperature)
+    print(f"[sslkit] kNN (k={k}, T={temperature}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+    if out:
+        Path(out).write_text(json.dumps({"checkpoint": str(checkpoint), "k": k, **res}, indent=2))
+    return res
+
+
+def eval_linear(checkpoint: str | Path, data: Optional[DictConfig | Sequence[str]] = None,
+                lrs: Optional[Sequence[float]] = None, epochs: int = 100, out: Optional[str | Path] = None, *,
+                batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """Linear probe on frozen features (``linear_probe``): train split -> val split, like ``eval_knn``.
+    The lr is chosen on held-out train samples; val is only reported. Writes the result (checkpoint,
+    protocol, chosen lr, top-1 / top-5, every lr's held-out and val accuracy) to ``out``."""
+    f = eval_features(checkpoint, _data_cfg(data))
+    res = linear_probe(f.train_f, f.train_y, f.val_f, f.val_y, num_classes=len(f.classes),
+                       lrs=tuple(lrs) if lrs else DEFAULT_LRS, epochs=epochs, batch_size=batch_size,
+                       weight_decay=weight_decay, seed=seed, class_names=f.classes)
+    p = res["protocol"]
+    print(f"[sslkit] linear probe ({len(p['lrs'])} lrs at once, SGD+cosine, {epochs} epochs, lr chosen on "
+          f"{p['holdout_samples']} held-out train images): val top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}% "
+          f"on {p['val_samples']} images (lr {res['lr']:g}, held-out top-1 {res['holdout_top1']:.2f}%)")
+    if res["lr_at_grid_edge"]:
+        print(f"[sslkit] note: the chosen lr {res['lr']:g} is at the edge of the grid {p['lrs']}; "
+              f"a wider lrs=[...] may do better")
+    diverged = [d["lr"] for d in res["per_lr"] if d["diverged"]]
+    if diverged:
+        print(f"[sslkit] note: lrs {diverged} diverged (never selected)")
+    report = {"checkpoint": str(checkpoint), "method": f.ckpt["method"], "step": f.ckpt["step"],
+              "model": f.ckpt["model_config"]["name"], "data": f.data, "eval": "linear",
+              "features": "backbone pooled pre-logits (CLS for ViT, mean-pooled last stage for PVT/Swin), "
+                          "L2-normalized", **res}
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+# ----------------------------------------------------------------------------------------- after training
+def summarize(cfg: DictConfig, method: Method, run_dir: str | Path) -> dict[str, float]:
+    """Print what a pretraining run learned, on the evaluation split (``eval_sources``, thinned to
+    ``trainer.knn_train_samples`` / ``knn_val_samples`` like online kNN): the training loss over the run,
+    the loss on held-out val images (methods whose loss takes single images, same masks for both models),
+    and kNN accuracy of the frozen encoder against the same model at random init and raw pixels.
+    Writes ``summary.json``."""
+    run_dir = Path(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if rows:
+        print(f"[sslkit] training loss: {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
+              f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']})")
+    size = int(cfg.method.view.size)
+    device = next(method.parameters()).device
+    train_src, val_src = eval_sources(cfg.data, int(cfg.trainer.knn_train_samples), int(cfg.trainer.knn_val_samples))
+    loaders = [build_eval_loader(s, cfg.data, size) for s in (train_src, val_src)]
+    torch.manual_seed(int(cfg.trainer.seed))
+    random_init = build_method(cfg).to(device).eval()
+    method.eval()
+    out: dict[str, float] = {}
+    for label, m in [("pretrained", method), ("random_init", random_init)]:  # the training loss on held-out images
+        g, tot, n = torch.Generator().manual_seed(0), 0.0, 0
+        with torch.no_grad():
+            for batch in loaders[1]:
+                b = m.heldout_batch(batch["images"].to(device), g)
+                if b is None:
+                    break
+                tot += float(m(b)["loss"]) * len(batch["images"])
+                n += len(batch["images"])
+        if n:
+            out[f"heldout_loss_{label}"] = tot / n
+    for label, embed_fn in [("pretrained", method.features), ("random_init", random_init.features),
+                            ("raw_pixels", raw_pixels)]:  # kNN on frozen features
+        (trf, try_), (tef, tey) = [extract_features(embed_fn, ld, device) for ld in loaders]
+        out[f"knn_top1_{label}"] = knn_classify(trf, try_, tef, tey, num_classes=len(train_src.classes))["top1"]
+    if "heldout_loss_pretrained" in out:
+        print(f"[sslkit] held-out {method.name} loss ({len(val_src)} images): after pretraining "
+              f"{out['heldout_loss_pretrained']:.4f} | same model at random init {out['heldout_loss_random_init']:.4f}")
+    print(f"[sslkit] kNN top-1 (k=20, cosine, frozen {method.name} encoder features, {len(train_src)} train -> "
+          f"{len(val_src)} val images): after pretraining {out['knn_top1_pretrained']:.1f}% | random init "
+          f"{out['knn_top1_random_init']:.1f}% | raw pixels {out['knn_top1_raw_pixels']:.1f}% | chance "
+          f"{100.0 / max(1, len(train_src.classes)):.1f}%")
+    (run_dir / "summary.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def evaluate_classifier(cfg: DictConfig, method: Method) -> dict[str, Any]:
+    """Top-1 / top-5 of a fine-tuned classifier (``method.predict``) on ``data.split=val`` (and ``top1_ema``
+    / ``top5_ema`` of its EMA weights with method.model_ema=true)."""
+    val_cfg = copy.deepcopy(cfg.data)
+    with open_dict(val_cfg):
+        val_cfg.split = "val"
+    loader = build_eval_loader(build_source(val_cfg), val_cfg, int(cfg.method.view.size))
+    model = method.eval()
+    device = next(model.parameters()).device
+    predictors = {"": model.predict}
+    if getattr(model, "model_ema", None) is not None:
+        predictors["_ema"] = model.predict_ema
+    hits = {s: [0, 0] for s in predictors}  # suffix -> [top-1, top-5] hits
+    n = 0
+    with torch.no_grad():
+        for batch in loader:
+            images, y = batch["images"].to(device), batch["labels"]
+            for s, predict in predictors.items():
+                logits = predict(images).cpu()
+                pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits[s][0] += int((pred[:, 0] == y).sum())
+                hits[s][1] += int((pred == y[:, None]).any(1).sum())
+            n += len(y)
+    res: dict[str, Any] = {}
+    for s, (h1, h5) in hits.items():
+        res[f"top1{s}"], res[f"top5{s}"] = 100.0 * h1 / max(1, n), 100.0 * h5 / max(1, n)
+    res["val_images"] = n
+    return res

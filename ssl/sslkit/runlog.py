@@ -1,5 +1,7 @@
 """Run logging: progress bar, ``metrics.jsonl`` and wandb (offline by default).
 
+The loop calls ``log(step, metrics)`` on logging steps (a row in ``metrics.jsonl``, wandb, the bar's
+numbers) and ``progress(step)`` every step.
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ class RunLogger:
             f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
-
-    def progress(self, step: int, postfix: Optional[dict[str, float]] = None) -> None:
         if self.bar is not None:
-            if postfix is not None:
-                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                     refresh=False)
+            shown = {"loss": metrics.get("loss"), "lr": metrics.get("lr"), "img/s": metrics.get("images_per_s")}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+
+    def progress(self, step: int) -> None:
+        """Advance the progress bar to ``step``."""
+        if self.bar is not None:
             self.bar.update(step - self._last_bar_step)
             self._last_bar_step = step
 

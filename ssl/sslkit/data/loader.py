@@ -62,7 +62,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sslkit.config import DataConfig, MultiCropViewConfig, ViewConfig
+from sslkit.schemas import DataConfig, MultiCropViewConfig, ViewConfig
 from sslkit.data.sources import UnreadableImageError
 from sslkit.data.views import View, ViewOutput, build_eval_view, build_view
 from sslkit.errors import ConfigError, DataError

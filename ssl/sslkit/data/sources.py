@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sslkit.config import DataConfig
+from sslkit.schemas import DataConfig
 from sslkit.data.synthetic import SyntheticSource
 from sslkit.errors import ConfigError, DataError
 

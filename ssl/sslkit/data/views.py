@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from sslkit.config import MultiCropViewConfig, ViewConfig
+from sslkit.schemas import MultiCropViewConfig, ViewConfig
 from sslkit.errors import ConfigError
 
 # Modes that work on tensors (the pipeline converts to a tensor first, so PIL-only modes are out).

@@ -1,24 +1,15 @@
-"""Pretraining methods: one nn.Module each. ``build_method(cfg)`` picks one by ``method.name``."""
+"""Pretraining (and fine-tuning) methods: one ``nn.Module`` per module, registered with
+``@register_method`` (``methods/base.py`` has the contract). Importing this package imports every
+module in it, so a new method file registers itself: no central list to edit."""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import pkgutil
 
-from sslkit.errors import ConfigError
-from sslkit.methods.base import Method, create_backbone
-from sslkit.methods.classify import Classifier
-from sslkit.methods.dinov2 import DINOv2
-from sslkit.methods.simmim import SimMIM
-from sslkit.methods.umae import UMMAE
+from sslkit.methods.base import METHODS, Method, build_method, create_backbone, embed, register_method
 
-METHODS: dict[str, type[Method]] = {"umae": UMMAE, "simmim": SimMIM, "dinov2": DINOv2, "classify": Classifier}
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
 
-
-def build_method(cfg: Any) -> Method:
-    name = str(cfg.method.name)
-    if name not in METHODS:
-        raise ConfigError(f"method.name={name!r} is unknown; available: {sorted(METHODS)}")
-    return METHODS[name](cfg.method, cfg.model)
-
-
-__all__ = ["METHODS", "Method", "build_method", "create_backbone"]
+__all__ = ["METHODS", "Method", "build_method", "create_backbone", "embed", "register_method"]

@@ -1,34 +1,51 @@
-"""The method contract: one ``nn.Module`` per pretraining method.
+"""The method contract, the method registry, and backbone creation.
+
+A method is one ``nn.Module`` in one module (``methods/<name>.py``) next to its config schema (a
+``MethodConfig`` subclass), registered with ``@register_method``, plus one YAML in
+``configs/method/``. ``sslkit.methods`` imports every module of this package, so a new file here is
+found without editing a list; a method defined elsewhere registers the same way (and its YAML goes
+on ``hydra.searchpath``). ``config.register_configs`` stores every registered schema as
+``method/<name>_schema``, ``build_method(cfg)`` builds the method that ``cfg.method.name`` names.
+
+Contract (checked for every registered method by ``tests/test_method_contract.py``):
 
 - ``forward(batch) -> {"loss": scalar tensor, <named terms>: detached scalars}``; no ``.backward()``.
-- ``after_step(step, total_steps) -> dict`` is the one per-step hook for side effects (EMA, centering,
-  schedules of method hyper-parameters); it returns scalars to log. ``step`` counts the optimizer
-  steps done, i.e. it is the index of the next step to run.
-- ``begin(step, derived)`` is called once per invocation before the first step (fresh or resumed),
-  with the step about to run and the run's derived lengths, for methods with epoch-based schedules.
+- ``begin(step, derived)`` is called once per invocation before the first step (fresh or resumed)
+  with the step about to run and the run's derived lengths (``config.Derived``: steps per epoch,
+  total steps, batch sizes); methods keep what their schedules need.
+- ``after_step(step) -> dict`` is the one per-step hook for side effects (EMA, centering, schedules of
+  method hyper-parameters), after optimizer step ``step - 1`` (``step`` = steps done = the index of
+  the next step). It must not change trainable parameters; it returns scalars to log.
 - ``masking()`` returns the mask generator that the data collate calls (in the workers), or None.
 - ``backbone`` is the trained encoder (the optimizer groups it for layer-wise lr decay);
   ``backbone_prefix`` names the state-dict prefix of the encoder that export / evaluation /
   fine-tuning read (``"backbone."``; DINOv2: the teacher's, ``"teacher.backbone."``).
-- ``model_config`` is what it takes to rebuild ``backbone`` with ``timm.create_model``.
+- ``model_config`` is what rebuilds ``backbone`` with ``timm.create_model`` (name + kwargs).
+- ``features(images) -> (B, C)``: frozen-encoder features for evaluation.
+- Class attributes: ``name`` and ``config_class`` (its schema, whose ``name`` default equals
+  ``name``), ``export_note`` (what ``sslkit-export`` says of the exported backbone) and
+  ``test_overrides`` (config overrides that compose a tiny instance, for the contract tests).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import dataclasses
+from typing import Any, Callable, ClassVar, Optional
 
 import timm
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+import sslkit.models  # noqa: F401  (registers the sslkit_* backbones with timm)
 from sslkit.errors import ConfigError
+from sslkit.schemas import MethodConfig
+
+MaskFn = Callable[[int, torch.Generator], dict[str, torch.Tensor]]
 
 
 def create_backbone(model_cfg: Any, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     """``timm.create_model`` from a ``ModelConfig``; returns the model and the kwargs that rebuild it."""
-    import sslkit.models  # noqa: F401  (registers sslkit_* models with timm)
-
     kwargs: dict[str, Any] = {"num_classes": 0, "drop_path_rate": float(model_cfg.drop_path_rate),
                               "img_size": int(model_cfg.img_size)}
     extra = model_cfg.kwargs or {}
@@ -50,18 +67,21 @@ def create_backbone(model_cfg: Any, **overrides: Any) -> tuple[nn.Module, dict[s
 
 
 class Method(nn.Module):
-    name: str = "method"
-    backbone: nn.Module
+    name: ClassVar[str] = "method"
+    config_class: ClassVar[type] = MethodConfig
+    export_note: ClassVar[str] = "Backbone only (no head)."
+    test_overrides: ClassVar[tuple[str, ...]] = ()
     backbone_prefix: str = "backbone."
+    backbone: nn.Module
     model_config: dict[str, Any]
 
-    def masking(self) -> Optional[Callable[[int, torch.Generator], dict[str, torch.Tensor]]]:
+    def masking(self) -> Optional[MaskFn]:
         return None
 
     def begin(self, step: int, derived: Any) -> None:
         return None
 
-    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+    def after_step(self, step: int) -> dict[str, float]:
         return {}
 
     @torch.no_grad()
@@ -81,3 +101,32 @@ class Method(nn.Module):
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Pooled pre-logit features of a timm backbone: (B, 3, H, W) -> (B, C)."""
     return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+# ----------------------------------------------------------------------------------------- registry
+METHODS: dict[str, type[Method]] = {}  # filled by @register_method; never edit by hand
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` buildable as ``method.name=<cls.name>`` (and its schema composable)."""
+    schema = cls.config_class
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"@register_method needs a Method subclass, got {cls!r}")
+    if not (dataclasses.is_dataclass(schema) and issubclass(schema, MethodConfig)):
+        raise TypeError(f"{cls.__name__}.config_class must be a dataclass extending sslkit.schemas.MethodConfig")
+    default = next(f.default for f in dataclasses.fields(schema) if f.name == "name")
+    if default != cls.name:
+        raise TypeError(f"{schema.__name__}.name defaults to {default!r} but {cls.__name__}.name is {cls.name!r}")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise TypeError(f"method {cls.name!r} is already registered ({METHODS[cls.name].__module__}."
+                        f"{METHODS[cls.name].__qualname__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(cfg: Any) -> Method:
+    """The registered method that ``cfg.method.name`` names, built from ``cfg.method`` and ``cfg.model``."""
+    name = str(cfg.method.name)
+    if name not in METHODS:
+        raise ConfigError(f"method.name={name!r} is unknown; registered methods: {sorted(METHODS)}")
+    return METHODS[name](cfg.method, cfg.model)

@@ -15,7 +15,7 @@ Randomness of mixup / cutmix: a NumPy generator seeded from (seed, step, micro-b
 the torch seed when the method is built (the loop seeds torch with ``trainer.seed`` first), so a resumed
 run mixes exactly as an uninterrupted one without touching the global RNGs.
 
-The pretrained weights come in through ``sslkit.cli.load_backbone``: key mapping (method wrapper ->
+The pretrained weights come in through ``sslkit.pretrained.load_backbone``: key mapping (method wrapper ->
 bare timm backbone), the explicit UM -> fine-tune conversion, and a load that fails on any missing or
 unexpected key; only the new head is initialized fresh. DropBlock is inserted after loading and never
 changes state-dict keys.
@@ -25,16 +25,84 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omegaconf import MISSING
+
 from sslkit.errors import CheckpointError, ConfigError, DataError
 from sslkit.layers.dropblock_placement import apply_dropblock, dropblock_schedule, set_drop_prob
-from sslkit.methods.base import Method, create_backbone
+from sslkit.methods.base import Method, create_backbone, register_method
 from sslkit.methods.ema import ema_update, freeze
+from sslkit.pretrained import load_backbone
+from sslkit.schemas import Choice, MethodConfig, between, checked, nonneg, positive, prob
+
+
+class DropBlockPreset(Choice):
+    none = "none"
+    resnet_paper = "resnet_paper"  # Ghiasi et al. 2018
+    resnet_timm = "resnet_timm"  # timm's placement
+    custom = "custom"
+
+
+class DropBlockMode(Choice):
+    paper = "paper"  # a mask per sample and channel
+    fast = "fast"  # one per sample
+
+
+class DropBlockLayout(Choice):
+    auto = "auto"
+    nchw = "nchw"
+    nhwc = "nhwc"
+    tokens = "tokens"  # (B, N, C) as a square map
+
+
+class DropBlockSchedule(Choice):
+    linear = "linear"  # keep_prob 1 -> 1 - drop_prob over the run (the paper)
+    warmup = "warmup"  # over warmup_epochs, then constant
+    constant = "constant"
+
+
+@dataclass
+class DropBlockConfig:
+    """DropBlock placement + schedule (layers/dropblock_placement.py); off by default."""
+
+    preset: DropBlockPreset = DropBlockPreset.none
+    drop_prob: float = checked(0.1, between(0.0, 1.0, open_hi=True))  # target rate = 1 - keep_prob (paper: keep 0.9)
+    block_size: Optional[int] = positive(None)  # None: the preset's (resnet_paper 7, resnet_timm 5 / 3, custom 7)
+    mode: DropBlockMode = DropBlockMode.paper
+    targets: list[str] = field(default_factory=list)  # custom: fnmatch patterns on model.named_modules() names
+    layout: DropBlockLayout = DropBlockLayout.auto  # custom: where the 2-D map is in the output
+    schedule: DropBlockSchedule = DropBlockSchedule.linear
+    warmup_epochs: float = nonneg(0.0)  # schedule=warmup: length of the ramp
+
+
+@dataclass
+class MixupConfig:
+    """Mixup / CutMix of fine-tuning batches (soft-target cross-entropy while active); off by default."""
+
+    mixup_alpha: float = nonneg(0.0)  # lam ~ Beta(a, a); 0 = no mixup (DeiT / MAE fine-tuning: 0.8)
+    cutmix_alpha: float = nonneg(0.0)  # 0 = no cutmix (DeiT / MAE: 1.0)
+    prob: float = checked(1.0, between(0.0, 1.0))  # probability that a batch is mixed
+    switch_prob: float = checked(0.5, between(0.0, 1.0))  # both on: probability of cutmix instead of mixup
+
+
+@dataclass
+class ClassifyConfig(MethodConfig):
+    """Supervised fine-tuning / training of a classifier (the same loop and checkpoint format)."""
+
+    name: str = "classify"
+    checkpoint: Optional[str] = None  # an sslkit pretraining checkpoint; None = from scratch
+    num_classes: int = positive(MISSING)
+    label_smoothing: float = checked(0.1, between(0.0, 1.0, open_hi=True))
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    dropblock: DropBlockConfig = field(default_factory=DropBlockConfig)
+    model_ema: bool = False  # keep an EMA of the weights (evaluated at the end as top1_ema)
+    model_ema_decay: float = prob(0.9998)
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -77,8 +145,12 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, smoo
     return images, t * lam + t.flip(0) * (1.0 - lam), lam, kind
 
 
+@register_method
 class Classifier(Method):
     name = "classify"
+    config_class = ClassifyConfig
+    export_note = "The classifier's backbone (no head)."
+    test_overrides = ("method=classify", "model=sslkit_pvt_test", "method.num_classes=8", "method.view.size=64")
 
     def __init__(self, cfg: Any, model_cfg: Any) -> None:
         super().__init__()
@@ -86,8 +158,6 @@ class Classifier(Method):
         self.label_smoothing = float(cfg.label_smoothing)
         self.num_classes = int(cfg.num_classes)
         if cfg.checkpoint:
-            from sslkit.cli import load_backbone
-
             self.backbone, ckpt, kwargs = load_backbone(
                 cfg.checkpoint, for_finetune=True, drop_path_rate=float(model_cfg.drop_path_rate))
             if ckpt["model_config"]["name"] != str(model_cfg.name):
@@ -116,29 +186,27 @@ class Classifier(Method):
 
         self.dropblock_cfg = cfg.dropblock
         self.dropblocks = apply_dropblock(self.backbone, cfg.dropblock)  # [] for preset=none
-        self._steps_per_epoch = 1
+        self._steps_per_epoch, self._total_steps = 1, 1
 
     # ------------------------------------------------------------------ hooks
-    def _set_dropblock(self, step: int, total_steps: int) -> float:
-        p = dropblock_schedule(self.dropblock_cfg, step, total_steps, self._steps_per_epoch)
-        set_drop_prob(self.dropblocks, p)
-        return p
+    def dropblock_rate_at(self, step: int) -> float:
+        return dropblock_schedule(self.dropblock_cfg, step, self._total_steps, self._steps_per_epoch)
 
     def begin(self, step: int, derived: Any) -> None:
         self._step, self._micro = int(step), 0
-        self._steps_per_epoch = int(derived.steps_per_epoch)
+        self._steps_per_epoch, self._total_steps = int(derived.steps_per_epoch), int(derived.total_steps)
         if self.dropblocks:
-            self._set_dropblock(step, int(derived.total_steps))
+            set_drop_prob(self.dropblocks, self.dropblock_rate_at(step))
 
-    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+    def after_step(self, step: int) -> dict[str, float]:
         """EMA update; DropBlock rate for the next step. Logs the DropBlock rate the finished step used
         (like ``lr`` in the same row) as ``dropblock_drop_prob``."""
         out: dict[str, float] = {}
         if self.model_ema is not None:
             ema_update(self.model_ema, self.backbone, self.model_ema_decay)
         if self.dropblocks:
-            out["dropblock_drop_prob"] = dropblock_schedule(self.dropblock_cfg, step - 1, total_steps, self._steps_per_epoch)
-            self._set_dropblock(step, total_steps)
+            out["dropblock_drop_prob"] = self.dropblock_rate_at(step - 1)
+            set_drop_prob(self.dropblocks, self.dropblock_rate_at(step))
         self._step, self._micro = int(step), 0
         return out
 
@@ -149,6 +217,9 @@ class Classifier(Method):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, labels = batch["images"], batch["labels"]  # (B, 3, H, W), (B,)
+        if bool((labels >= self.num_classes).any()):
+            raise DataError(f"label {int(labels.max())} is out of range for method.num_classes={self.num_classes}: set "
+                            f"method.num_classes to the number of classes of the data")
         if self.training and self.mixup_cfg is not None:
             if bool((labels < 0).any()):
                 raise DataError("method.mixup needs a label for every image (got label -1): use labelled data "
@@ -163,6 +234,9 @@ class Classifier(Method):
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing, ignore_index=-1)
         acc = (logits.argmax(-1) == labels).float().mean()  # against the unmixed labels
         return {"loss": loss, "train_acc": acc.detach()}
+
+    def heldout_batch(self, images: torch.Tensor, generator: torch.Generator) -> None:
+        return None  # the loss needs labels; fine-tuning reports val accuracy instead (evaluate_classifier)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:

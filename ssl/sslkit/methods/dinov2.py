@@ -23,20 +23,71 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from omegaconf import DictConfig
+
 from sslkit.errors import ConfigError
+from sslkit.masking import BlockMasking
 from sslkit.methods import dino_losses as L
-from sslkit.methods.base import Method, create_backbone, embed
+from sslkit.methods.base import Method, create_backbone, embed, register_method
 from sslkit.methods.ema import ema_update, freeze
 from sslkit.schedules import cosine, linear
+from sslkit.schemas import (Choice, MethodConfig, MultiCropViewConfig, between, checked, ge, nonneg, ordered_pair, positive,
+                            prob)
 
 log = logging.getLogger("sslkit")
+
+
+class Centering(Choice):
+    sinkhorn_knopp = "sinkhorn_knopp"
+    softmax = "softmax"  # softmax of (logits - EMA center)
+
+
+@dataclass
+class DINOv2Config(MethodConfig):
+    """DINOv2-style student / EMA-teacher pretraining (DINO + iBOT + KoLeo)."""
+
+    name: str = "dinov2"
+    view: MultiCropViewConfig = field(default_factory=MultiCropViewConfig)
+    # heads
+    prototypes: int = checked(65536, ge(2))  # K of the DINO head (and of the iBOT head when shared)
+    head_hidden_dim: int = positive(2048)
+    head_bottleneck_dim: int = positive(256)
+    head_layers: int = positive(3)
+    ibot_separate_head: bool = False
+    ibot_prototypes: int = checked(65536, ge(2))  # used when ibot_separate_head
+    # losses
+    dino_loss_weight: float = nonneg(1.0)
+    ibot_loss_weight: float = nonneg(1.0)
+    koleo_loss_weight: float = nonneg(0.1)
+    student_temp: float = positive(0.1)
+    teacher_temp: float = positive(0.07)
+    warmup_teacher_temp: float = positive(0.04)
+    warmup_teacher_temp_epochs: float = nonneg(30.0)
+    centering: Centering = Centering.sinkhorn_knopp
+    center_momentum: float = prob(0.9)
+    sinkhorn_iterations: int = positive(3)
+    # iBOT masks (global crops, made in the data workers)
+    mask_probability: float = prob(0.5)  # share of global crops that get a mask
+    mask_ratio: tuple[float, float] = checked((0.1, 0.5), ordered_pair(between(0.0, 1.0)))  # stratified over the masked crops
+    mask_min_patches: int = nonneg(4)
+    # teacher
+    ema_momentum: float = prob(0.992)  # cosine to ema_momentum_end over the run
+    ema_momentum_end: float = prob(1.0)
+    freeze_last_layer_epochs: float = nonneg(1.0)
+    recipe_batch: int = positive(1024)  # warn when the global batch is far below this
+
+    @staticmethod
+    def cross_checks(node: DictConfig) -> Iterator[str]:
+        if node.ema_momentum > node.ema_momentum_end:
+            yield f"ema_momentum={node.ema_momentum}: must be <= ema_momentum_end={node.ema_momentum_end}"
 
 
 class DINOHead(nn.Module):
@@ -74,8 +125,13 @@ class DINOHead(nn.Module):
         return z @ w.to(z.dtype).T  # (N, K)
 
 
+@register_method
 class DINOv2(Method):
     name = "dinov2"
+    config_class = DINOv2Config
+    export_note = ("The EMA teacher's backbone (what DINOv2 evaluates), no head; the DINO/iBOT heads and the student "
+                   "are not exported. mask_token is included (unused outside iBOT).")
+    test_overrides = ("method=dinov2_tiny", "model=sslkit_vit_test", "optim=dinov2", "method.freeze_last_layer_epochs=0")
     backbone_prefix = "teacher.backbone."
 
     def __init__(self, cfg: Any, model_cfg: Any) -> None:
@@ -137,9 +193,7 @@ class DINOv2(Method):
         self.teacher.eval()  # the teacher always runs in eval mode (no stochastic depth)
         return self
 
-    def masking(self) -> Any:
-        from sslkit.masking import BlockMasking
-
+    def masking(self) -> BlockMasking:
         c = self.cfg
         return BlockMasking(self.grid, n_global=self.n_global, mask_probability=float(c.mask_probability),
                             ratio=(float(c.mask_ratio[0]), float(c.mask_ratio[1])),
@@ -228,7 +282,7 @@ class DINOv2(Method):
                 "masked_tokens": torch.tensor(float(masked.sum()))}
 
     # ----------------------------------------------------------------------------------- hooks
-    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+    def after_step(self, step: int) -> dict[str, float]:
         """EMA teacher update after optimizer step ``step - 1``; the next forward runs step ``step``."""
         m = self.ema_momentum_at(step - 1)
         ema_update(self.teacher, self.student, m)

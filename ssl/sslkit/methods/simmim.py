@@ -7,6 +7,7 @@ reconstructs the image; the loss is L1 on the masked pixels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,13 +16,25 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from sslkit.masking import RandomMasking
-from sslkit.methods.base import Method, create_backbone
+from sslkit.methods.base import Method, create_backbone, register_method
 from sslkit.methods.umae import check_unit
 from sslkit.models.um import upsample_units
+from sslkit.schemas import MethodConfig, between, checked, positive
 
 
+@dataclass
+class SimMIMConfig(MethodConfig):
+    name: str = "simmim"
+    unit: int = positive(16)  # mask unit in pixels (the pyramid's final stride / 2, as UM-MAE's)
+    mask_ratio: float = checked(0.75, between(0.0, 1.0, open_lo=True, open_hi=True))  # random share of units masked
+
+
+@register_method
 class SimMIM(Method):
     name = "simmim"
+    config_class = SimMIMConfig
+    export_note = "Backbone only (no head); the SimMIM mask token and decoder are not exported."
+    test_overrides = ("method=simmim", "model=sslkit_pvt_test", "method.unit=8", "method.view.size=64")
 
     def __init__(self, cfg: Any, model_cfg: Any) -> None:
         super().__init__()

@@ -12,6 +12,7 @@ equal to stem-then-gather (tested) and costs a quarter of the work.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -22,9 +23,24 @@ from torch import nn
 
 from sslkit.errors import ConfigError
 from sslkit.masking import UniformMasking, blocks_to_grid
-from sslkit.methods.base import Method, create_backbone
+from sslkit.methods.base import Method, create_backbone, register_method
 from sslkit.models.pos_embed import grid_coords, sincos_2d
 from sslkit.models.um import gather_kept_units, patchify, um_positions, upsample_units
+from sslkit.schemas import MethodConfig, between, checked, positive
+
+
+@dataclass
+class UMMAEConfig(MethodConfig):
+    """Uniform sampling always removes 75% of the units (one of every 2x2 block kept): no ratio knob."""
+
+    name: str = "umae"
+    unit: int = positive(16)  # patch unit in pixels (the pyramid's final stride / 2)
+    secondary_mask_ratio: float = checked(0.25, between(0.0, 1.0, open_hi=True))  # of the kept units, behind a token
+    norm_pix_loss: bool = True
+    decoder_dim: int = positive(512)
+    decoder_depth: int = positive(2)
+    decoder_heads: int = positive(16)
+    decoder_mlp_ratio: float = positive(4.0)
 
 
 def check_unit(cfg_unit: int, backbone: nn.Module, img_size: int) -> tuple[int, int]:
@@ -75,8 +91,14 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@register_method
 class UMMAE(Method):
     name = "umae"
+    config_class = UMMAEConfig
+    export_note = ("Backbone only (no head). UM pretraining adaptations were converted to fine-tuning shapes (PVT "
+                   "spatial-reduction ratios 4,2,1,1 -> 8,4,2,1; Swin window 8 -> 16, continuous position bias MLPs "
+                   "kept). The method's mask tokens and decoder are not exported.")
+    test_overrides = ("method=umae_tiny", "model=sslkit_pvt_test")
 
     def __init__(self, cfg: Any, model_cfg: Any) -> None:
         super().__init__()
@@ -84,9 +106,6 @@ class UMMAE(Method):
         self.backbone, self.model_config = create_backbone(model_cfg, um_pretrain=True)
         img = int(cfg.view.size)
         self.unit, g = check_unit(int(cfg.unit), self.backbone, img)
-        if abs(float(cfg.mask_ratio) - 0.75) > 1e-9:
-            raise ConfigError(f"uniform masking removes exactly 75% (one of every 2x2 kept); method.mask_ratio="
-                              f"{cfg.mask_ratio}: leave it at 0.75 or use method=simmim for other ratios")
         self.grid = (g, g)
         self.r = self.unit // self.backbone.stem_stride  # stem tokens per unit side
         self.norm_pix_loss = bool(cfg.norm_pix_loss)

@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from sslkit.bench import print_table, register, row
+from benchmarks import print_table, register, row
+
+from sslkit.config import compose
+from sslkit.engine import train
+from sslkit.evaluation import knn_classify, linear_probe, raw_pixels, split_features
+from sslkit.methods import build_method
+from sslkit.methods.base import embed
+from sslkit.pretrained import load_backbone
 
 DEFAULT_DATA = "../shared/data/cifar10-train.tar"
 MODELS = {"dinov2": "dinov2_vit", "umae": "umae_pvt"}  # --models key -> row "model"
@@ -36,8 +43,6 @@ def _cpu_seconds() -> float:
 def evaluate_encoders(embeds: dict[str, Any], data_cfg: Any, size: int, *, linear_epochs: int = 100,
                       seed: int = 0) -> dict[str, dict[str, float]]:
     """kNN and linear-probe top-1 / top-5 on val (fit on train) of every encoder in ``embeds``."""
-    from sslkit.cli import split_features
-    from sslkit.evaluation import knn_classify, linear_probe
 
     feats, classes = split_features(embeds, data_cfg, size)
     out = {}
@@ -53,11 +58,6 @@ def evaluate_encoders(embeds: dict[str, Any], data_cfg: Any, size: int, *, linea
 
 def run_method(method: str, data: str, runs: Path, steps: int | None, extra: list[str],
                with_raw_pixels: bool = True) -> list[dict[str, Any]]:
-    from sslkit.cli import compose, load_backbone
-    from sslkit.engine import train
-    from sslkit.evaluation import raw_pixels
-    from sslkit.methods import build_method
-    from sslkit.methods.base import embed
 
     run_dir = runs / f"cifar10_{method}"
     overrides = [f"experiment=cifar10_{method}", f"data.path={data}", "logger.wandb.mode=disabled",

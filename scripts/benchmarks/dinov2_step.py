@@ -49,8 +49,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from sslkit.bench import (interleaved_medians, peak_rss_mb, print_table, reset_peak_rss, row, rss_mb, run_isolated,
+from benchmarks import (interleaved_medians, peak_rss_mb, print_table, reset_peak_rss, row, rss_mb, run_isolated,
                           time_steps)
+
+from sslkit.config import compose
+from sslkit.masking import BlockMasking
+from sslkit.methods import build_method
+from sslkit.optim import build_optimizer
 
 BENCH = "dinov2"
 MODEL = "vit_small_dinov2_step"
@@ -83,7 +88,6 @@ def _autocast(device: torch.device) -> Any:
 
 
 def _config(batch: int, device: torch.device) -> Any:
-    from sslkit.cli import compose
 
     return compose(["experiment=dinov2_vits16", f"model.drop_path_rate={DROP_PATH}", f"trainer.device={device.type}",
                     f"data.batch_size={batch}", "logger=none"])
@@ -98,7 +102,6 @@ def _lr(cfg: Any, batch: int) -> float:
 
 def _inputs(cfg: Any, batch: int, device: torch.device) -> dict[str, Tensor]:
     """Random crops (view-major, as the multi-crop loader) and the method's block masks, seeded."""
-    from sslkit.masking import BlockMasking
 
     m, v = cfg.method, cfg.method.view
     g = torch.Generator().manual_seed(0)
@@ -119,8 +122,6 @@ class _Variant(SimpleNamespace):
 
 # ----------------------------------------------------------------------------------------- sslkit
 def _build_sslkit(batch: int, device: torch.device) -> _Variant:
-    from sslkit.methods import build_method
-    from sslkit.optim import build_optimizer
 
     cfg = _config(batch, device)
     method = build_method(cfg).to(device)
@@ -236,7 +237,6 @@ def _build_lightly(batch: int, device: torch.device) -> _Variant:
     from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import cosine_schedule, linear_warmup_schedule
 
-    from sslkit.optim import build_optimizer
 
     cfg = _config(batch, device)
     model = LightlyDINOv2(cfg).to(device)
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="write the rows as a JSON list")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from sslkit.bench import dinov2_step  # by module name, so the spawned workers can unpickle the functions
+    from benchmarks import dinov2_step  # by module name, so the spawned workers can unpickle the functions
 
     rows = dinov2_step.step_rows(args)
     print_table(BENCH, rows, {"batch": args.batch or 8, "crops": "2x224+8x96", "device": _device().type,

@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
-from sslkit.bench import interleaved_medians, print_table, register, row, run_isolated
+from benchmarks import interleaved_medians, print_table, register, row, run_isolated
+
+from sslkit.layers import DropBlock2d
 
 SHAPES = {"256x56x56": (256, 56, 56), "1024x14x14": (1024, 14, 14)}
 VARIANTS = ["paper", "fast", "timm_per_channel", "timm_shared", "dropout2d", "identity"]
@@ -30,7 +32,6 @@ VARIANTS = ["paper", "fast", "timm_per_channel", "timm_shared", "dropout2d", "id
 def _layer(variant: str) -> torch.nn.Module:
     from timm.layers import DropBlock2d as TimmDropBlock2d
 
-    from sslkit.layers import DropBlock2d
 
     return {
         "paper": lambda: DropBlock2d(0.1, 7, mode="paper"),
@@ -84,7 +85,7 @@ def bench_dropblock(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-if __name__ == "__main__":  # standalone: python -m sslkit.bench.dropblock [--batch 16]
+if __name__ == "__main__":  # standalone: cd scripts && python -m benchmarks.dropblock [--batch 16]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)

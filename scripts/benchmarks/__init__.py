@@ -102,7 +102,7 @@ def print_table(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sslkit.bench import dinov2, dropblock, quality, umae  # noqa: F401  (registers)
+    from benchmarks import dinov2, dropblock, quality, umae  # noqa: F401  (registers)
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("name", choices=sorted(BENCHMARKS))

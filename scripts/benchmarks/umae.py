@@ -16,8 +16,12 @@ from typing import Any
 
 import torch
 
-from sslkit.bench import (interleaved_medians, peak_rss_mb, print_table, register, reset_peak_rss, row, rss_mb, run_isolated,
+from benchmarks import (interleaved_medians, peak_rss_mb, print_table, register, reset_peak_rss, row, rss_mb, run_isolated,
                           time_steps)
+
+from sslkit.config import compose
+from sslkit.methods import build_method
+from sslkit.optim import build_optimizer
 
 MODELS = {"pvt_small": "pvt_small", "swin_tiny": "swin_tiny"}
 
@@ -80,9 +84,6 @@ def _build(model: str, variant: str, batch: int, official: str | None) -> tuple[
             out = net(images, *make_mask(batch))
             return out[0] if isinstance(out, (tuple, list)) else out
     else:
-        from sslkit.cli import compose
-        from sslkit.methods import build_method
-        from sslkit.optim import build_optimizer
 
         cfg = compose([f"experiment={variant}_{model}"])
         net = build_method(cfg)

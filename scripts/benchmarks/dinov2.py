@@ -52,8 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslkit.bench import (interleaved_medians, peak_rss_mb, print_table, register, reset_peak_rss, row, rss_mb,
+from benchmarks import (interleaved_medians, peak_rss_mb, print_table, register, reset_peak_rss, row, rss_mb,
                           run_isolated)
+
+from sslkit.models.vit import PackedBlock, VisionTransformer, pack_groups, unpack_groups
 
 STEP_MODEL = "vit_small_dinov2_step"  # needs lightly (pip install -e ".[bench]") for its peer variant
 MODELS = ["vits_blocks", "vit_small", STEP_MODEL]
@@ -111,7 +113,6 @@ def _trim() -> None:
 def _block_step(variant: str, device: torch.device) -> Callable[[], None]:
     from timm.models.vision_transformer import Block
 
-    from sslkit.models.vit import PackedBlock
 
     name, d = variant.split("@")
     rate = float(d)
@@ -140,7 +141,6 @@ def _block_step(variant: str, device: torch.device) -> Callable[[], None]:
 # ---------------------------------------------------------------------- 2. multi-crop ViT-S
 def _dense_mask_forward(model: nn.Module, crops: list[Tensor], mask_cache: dict) -> list[Tensor]:
     """All crops' tokens in one (1, T, C) sequence; block-diagonal bool mask keeps crops apart."""
-    from sslkit.models.vit import pack_groups, unpack_groups
 
     x, layout = pack_groups([model.prepare_tokens(c) for c in crops])  # (T, C)
     if layout not in mask_cache:  # built once (like xFormers' cached BlockDiagonalMask)
@@ -163,7 +163,6 @@ def _dense_mask_forward(model: nn.Module, crops: list[Tensor], mask_cache: dict)
 
 def _njt_forward(model: nn.Module, crops: list[Tensor]) -> list[Tensor]:
     """One jagged sequence per crop (torch.nested, layout=torch.jagged); SDPA on nested tensors."""
-    from sslkit.models.vit import pack_groups, unpack_groups
 
     x, layout = pack_groups([model.prepare_tokens(c) for c in crops])  # (T, C)
     lens = torch.tensor([n for b, n in layout.shapes for _ in range(b)])
@@ -184,7 +183,6 @@ def _njt_forward(model: nn.Module, crops: list[Tensor]) -> list[Tensor]:
 def _crop_setup(batch: int, device: torch.device) -> tuple[nn.Module, list[Tensor], list[Tensor]]:
     import timm
 
-    from sslkit.models.vit import VisionTransformer  # (importing sslkit.models registers the models)
 
     torch.manual_seed(0)
     model = timm.create_model("sslkit_vit_small", drop_path_rate=0.0, init_values=1e-5).to(device).train()
@@ -331,7 +329,7 @@ def bench_dinov2(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for model in models:
         if model == STEP_MODEL:  # the whole DINOv2 training step, sslkit vs lightly (bench/dinov2_step.py)
-            from sslkit.bench.dinov2_step import step_rows
+            from benchmarks.dinov2_step import step_rows
 
             rows += step_rows(args)
             continue
@@ -386,7 +384,7 @@ def bench_dinov2(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> None:  # standalone: python -m sslkit.bench.dinov2
+def main(argv: Optional[list[str]] = None) -> None:  # standalone: cd scripts && python -m benchmarks.dinov2
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
