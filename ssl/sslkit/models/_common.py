@@ -59,6 +59,17 @@ def init_head(head: nn.Module) -> None:
             nn.init.zeros_(head.bias)
 
 
+def new_head(model: nn.Module, num_features: int, num_classes: int) -> nn.Module:
+    """The classifier every sslkit backbone builds at construction and in ``reset_classifier``: a Linear
+    with :func:`init_head`, on the device and in the dtype of ``model``'s parameters (Identity for 0)."""
+    if num_classes <= 0:
+        return nn.Identity()
+    p = next(model.parameters(), None)
+    head = nn.Linear(num_features, num_classes, device=p.device if p is not None else None)
+    init_head(head)  # in float32, then cast (trunc_normal_ needs erfinv)
+    return head.to(p.dtype) if p is not None and p.dtype.is_floating_point else head
+
+
 class PyramidClassifierMixin:
     """timm classifier surface shared by the NHWC pyramid backbones (PVT, Swin), implemented once.
 
@@ -87,12 +98,7 @@ class PyramidClassifierMixin:
     head_drop: nn.Module
 
     def _new_head(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        p = next(self.parameters(), None)  # type: ignore[attr-defined]
-        head = nn.Linear(self.num_features, num_classes, device=p.device if p is not None else None)
-        init_head(head)  # in float32, then cast (trunc_normal_ needs erfinv)
-        return head.to(p.dtype) if p is not None and p.dtype.is_floating_point else head
+        return new_head(self, self.num_features, num_classes)  # type: ignore[arg-type]
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -62,7 +62,8 @@ from torch.utils.checkpoint import checkpoint
 
 from sslkit.layers.packing import PackLayout, pack_groups, unpack_groups
 from sslkit.layers.stochastic_depth import drop_add_residual, drop_add_residual_packed, drop_path_residual_packed
-from sslkit.models._common import pyramid_cfg
+from sslkit.errors import ConfigError
+from sslkit.models._common import new_head, pyramid_cfg
 
 __all__ = [
     "VisionTransformer",
@@ -78,6 +79,13 @@ __all__ = [
 
 DROP_PATH_MODES = ("efficient", "mask")
 GLOBAL_POOLS = ("token", "avg", "")
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in GLOBAL_POOLS:
+        raise ConfigError(f"ViT: global_pool must be one of {GLOBAL_POOLS} ('token': CLS, 'avg': mean of the patch "
+                          f"tokens, '': no pooling), got {global_pool!r}")
+    return global_pool
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,6 +287,9 @@ _COMPATIBLE_KWARGS: dict[str, Callable[[Any], bool]] = {
 class VisionTransformer(nn.Module):
     """ViT backbone with timm state-dict names, a packed multi-crop forward and efficient SD.
 
+    The classifier (``head``) is built and re-built by ``reset_classifier`` like every sslkit backbone's
+    (``_common.new_head``: trunc-normal std 2e-5, zero bias, the MAE fine-tuning convention).
+
     Args:
         img_size: nominal input size; ``pos_embed`` covers its patch grid. Other sizes (multiples of
             ``patch_size``) are served by bicubic interpolation of the patch part.
@@ -295,6 +306,8 @@ class VisionTransformer(nn.Module):
         **kwargs: timm ViT kwargs whose value matches this model (e.g. ``class_token=True``,
             ``dynamic_img_size``, ``drop_rate=0``) are accepted and ignored; anything else raises.
     """
+
+    drop_path_schedule = "uniform"  # the same rate in every block (DINOv2); PVT / Swin / ResNet: "linear"
 
     def __init__(
         self,
@@ -321,8 +334,7 @@ class VisionTransformer(nn.Module):
                 raise TypeError(f"VisionTransformer: unexpected keyword argument {k!r}")
             if not ok(v):
                 raise ValueError(f"VisionTransformer: {k}={v!r} is not supported")
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        _check_pool(global_pool)
         self.img_size = _pair(img_size)
         self.patch_size = int(patch_size)
         if self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
@@ -351,8 +363,8 @@ class VisionTransformer(nn.Module):
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+        self.head = new_head(self, embed_dim, num_classes)  # after init_weights: the reset_classifier head
 
     def init_weights(self) -> None:
         """timm's default ViT init: trunc-normal(0.02) pos_embed and Linear weights (zero bias),
@@ -392,14 +404,9 @@ class VisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
+            self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+        self.head = new_head(self, self.num_features, num_classes)
 
     # --------------------------------------------------------------------------------- tokens
     def pos_embed_for(self, h: int, w: int) -> tuple[Tensor, Tensor]:
