@@ -34,6 +34,11 @@ PRIMARY = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval_knn": E
            "eval_linear": EvalLinearConfig, "export": ExportConfig}  # config name -> schema (configs/<name>.yaml)
 
 
+# ${sslkit.or:a,b}: a unless it is null, else b (e.g. sweep subdirs: the experiment's name, else the method's).
+# Registered on import: launchers resolve the hydra config in the job process, which imports sslkit.cli.
+OmegaConf.register_new_resolver("sslkit.or", lambda a, b: b if a is None or a == "None" else a, replace=True)
+
+
 class ComposeError(ConfigError, ConfigCompositionException):
     """A config that does not compose or validate (unknown key, wrong type, unknown choice, out of range)."""
 
