@@ -104,8 +104,8 @@ def check_keys(argv: list[str], schema: type, command: str, usage: str) -> list[
     Hydra composes; ``data.*`` without ``data=<group>`` means the built-in ``data=synthetic`` defaults."""
     keys = list(schema.__dataclass_fields__)
     out, has_data_group = [], any(a.lstrip("+~").startswith("data=") for a in argv)
-    for a in argv:
-        if a.startswith("-"):  # Hydra flags: --help, --cfg job, -m, ...
+    for i, a in enumerate(argv):
+        if a.startswith("-") or (i and argv[i - 1].startswith("-") and "=" not in a):  # Hydra flags: --cfg job, -m
             out.append(a)
             continue
         key = a.split("=", 1)[0].lstrip("+~")
