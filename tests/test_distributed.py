@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import tempfile
 from itertools import islice
 from pathlib import Path
 
@@ -128,22 +128,17 @@ def test_resume_at_another_world_size_continues_the_epoch() -> None:
 
 
 # ----------------------------------------------------------------------------------------- 2 processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, jobs: list[tuple[list[str], str]]) -> None:
+def _worker(rank: int, world: int, store: str, jobs: list[tuple[list[str], str]]) -> None:
+    """One rank; the group meets through a file store (no port picked in advance that another process
+    could take before the group binds it)."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), WANDB_MODE="disabled")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), WANDB_MODE="disabled")
     torch.set_num_threads(1)
     from sslkit.config import compose
     from sslkit.tasks import run_pretrain
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         for overrides, run_dir in jobs:
             run_pretrain(compose(overrides), run_dir)
@@ -152,7 +147,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[list[str], str]])
 
 
 def _spawn(jobs: list[tuple[list[str], str]]) -> None:
-    tmp_mp.spawn(_worker, args=(2, _free_port(), jobs), nprocs=2, join=True)
+    with tempfile.TemporaryDirectory() as d:
+        tmp_mp.spawn(_worker, args=(2, str(Path(d) / "store"), jobs), nprocs=2, join=True)
 
 
 def _losses(run: Path) -> list[float]:
@@ -231,3 +227,21 @@ def test_fsdp2_dinov2_save_resume_equals_one_process(runs: Path) -> None:
     assert "knn_top1_pretrained" in json.loads((runs / "dino_fsdp" / "summary.json").read_text())
     last = json.loads((runs / "dino_fsdp" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 4 and 0.0 <= last["knn_top1"] <= 100.0  # method.features through FSDP
+
+
+def test_ddp_without_a_launcher_is_a_one_process_group_equal_to_single(tmp_path, monkeypatch):
+    """No torchrun / SLURM environment: strategy=ddp makes its own one-process group (an in-memory store,
+    no port) and trains exactly like strategy=single."""
+    from sslkit.config import compose
+    from sslkit.tasks import run_pretrain
+
+    for k in ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    ov = ["logger.wandb.mode=disabled", "trainer.progress=false", "trainer.summary=false", "data.num_workers=0",
+          "data.num_samples=16", "data.batch_size=4", "trainer.max_steps=2"]
+    run_pretrain(compose(ov), tmp_path / "single")
+    run_pretrain(compose(ov + ["trainer.strategy=ddp"]), tmp_path / "ddp")
+    assert not torch.distributed.is_initialized()  # the group it made is gone
+    a, b = [ck.load(tmp_path / r / "checkpoints" / "last.pt")["model"] for r in ("single", "ddp")]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -363,12 +363,14 @@ def setup(strategy: str, device: torch.device, find_unused: bool = True,
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     if owns:
-        port = env.master_port or _free_port()
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(port))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        if env.launcher == "none":  # one process, no launcher: an in-memory store, no port to pick (or lose)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+        else:
+            os.environ.setdefault("MASTER_ADDR", env.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(env.master_port or _free_port()))
+            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, **kwargs)
     return Dist(strategy, env, device, owns, find_unused)
 
 

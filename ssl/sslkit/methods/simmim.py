@@ -63,7 +63,7 @@ class SimMIM(Method):
         rec = self.decoder(z).permute(0, 3, 1, 2)  # (B, s*s*3, H/s, W/s)
         rec = F.pixel_shuffle(rec, s)  # (B, 3, H, W)
         pix_mask = masked.view(B, 1, self.grid[0], 1, self.grid[1], 1).expand(
-            B, 1, self.grid[0], self.unit, self.grid[1], self.unit).reshape(B, 1, H, W).to(rec.dtype)
+            B, 1, self.grid[0], self.unit, self.grid[1], self.unit).reshape(B, 1, H, W).float()  # fp32: an exact count
         l1 = (rec.float() - images.float()).abs()
         loss = (l1 * pix_mask).sum() / (pix_mask.sum() + 1e-5) / C
         return {"loss": loss, "loss_rec": loss.detach()}
