@@ -62,3 +62,16 @@ def test_bad_knn_every_is_a_config_error():
     cfg = compose(tiny())
     with pytest.raises(ConfigError, match="knn_every"):
         OnlineKNN(cfg.data, 64, every=0, max_train=8, max_val=8)
+
+
+def test_summary_online_knn_and_sslkit_eval_agree_on_the_one_split(tmp_path):
+    """The end-of-run summary, online kNN at the last step and sslkit-eval knn on the checkpoint use the one
+    evaluation split (evaluation.eval_sources): with caps above the split sizes they report the same top-1."""
+    from sslkit.evaluation import eval_knn
+
+    ov = [x for x in tiny("trainer.knn_every=6", "trainer.knn_val_samples=512") if x != "trainer.summary=false"]
+    run_pretrain(compose(ov), tmp_path)  # 6 steps: online kNN at step 6, then the summary
+    online = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]["knn_top1"]
+    summary = json.loads((tmp_path / "summary.json").read_text())["knn_top1_pretrained"]
+    offline = eval_knn(tmp_path / "checkpoints" / "last.pt")["top1"]
+    assert online == summary == offline
