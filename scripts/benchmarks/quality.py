@@ -70,7 +70,7 @@ def run_method(method: str, data: str, runs: Path, steps: int | None, extra: lis
     print(f"[quality] {method}: {result.step} steps x {result.derived.global_batch} images in {wall:.0f} s wall, "
           f"{cpu:.0f} s CPU (this invocation; resumed runs count only the rest)")
 
-    pre, _, _ = load_backbone(run_dir / "checkpoints" / "last.pt", for_finetune=False)
+    pre, _ = load_backbone(run_dir / "checkpoints" / "last.pt", for_finetune=False)
     torch.manual_seed(int(cfg.trainer.seed))
     rand = build_method(cfg).backbone  # the same backbone at its initialization (seeded like the run)
     pre.eval(), rand.eval()

@@ -27,7 +27,8 @@ from sslkit.schemas import EvalKNNConfig, EvalLinearConfig, ExportConfig
 from sslkit.tasks import run_finetune, run_pretrain
 
 EVAL_USAGE = (
-    "usage: sslkit-eval knn checkpoint=<ckpt> [data=<group> data.path=...] [k=20] [t=0.07] [out=r.json]\n"
+    "usage: sslkit-eval knn checkpoint=<ckpt> [model=<sslkit model>] [data=<group> data.path=...] [k=20] [t=0.07] "
+    "[out=r.json]\n"
     "       sslkit-eval linear checkpoint=<ckpt> [data=<group> data.path=...] [epochs=100] "
     "[lrs=[0.001,0.01,0.1]] [batch_size=256] [wd=0] [seed=0] [out=r.json]\n"
     "       sslkit-eval knn|linear --help   (every key and its default)"
@@ -128,13 +129,14 @@ def _need_checkpoint(cfg: DictConfig, command: str, usage: str) -> str:
 
 def _eval_knn(cfg: DictConfig) -> None:
     eval_knn(_need_checkpoint(cfg, "sslkit-eval knn", EVAL_USAGE), cfg.data, k=int(cfg.k), temperature=float(cfg.t),
-             out=cfg.out)
+             out=cfg.out, model=cfg.model, img_size=cfg.img_size)
 
 
 def _eval_linear(cfg: DictConfig) -> None:
     eval_linear(_need_checkpoint(cfg, "sslkit-eval linear", EVAL_USAGE), cfg.data,
                 lrs=[float(v) for v in cfg.lrs] if cfg.lrs is not None else None, epochs=int(cfg.epochs),
-                out=cfg.out, batch_size=int(cfg.batch_size), weight_decay=float(cfg.wd), seed=int(cfg.seed))
+                out=cfg.out, batch_size=int(cfg.batch_size), weight_decay=float(cfg.wd), seed=int(cfg.seed),
+                model=cfg.model, img_size=cfg.img_size)
 
 
 EVALS = {"knn": (EvalKNNConfig, _hydra_eval_knn), "linear": (EvalLinearConfig, _hydra_eval_linear)}

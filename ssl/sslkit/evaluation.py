@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sslkit.checkpoint import Checkpoint
 from sslkit.config import compose
 from sslkit.data import SubsetSource, build_eval_loader, build_source
 from sslkit.data.loader import derive_seed
 from sslkit.errors import ConfigError, DataError, TrainingError
 from sslkit.methods import Method, build_method, embed
-from sslkit.pretrained import load_backbone
+from sslkit.pretrained import Pretrained, load_backbone
 
 @torch.no_grad()
 def extract_features(embed: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,7 +391,7 @@ class EvalFeatures(NamedTuple):
     val_f: torch.Tensor  # (M, C)
     val_y: torch.Tensor  # (M,) int64
     classes: list[str]
-    ckpt: Checkpoint
+    pretrained: Pretrained  # where the backbone came from (pretrained.ckpt: the sslkit checkpoint, if any)
     data: dict[str, Any]  # the data config the splits were built from
 
 
@@ -410,16 +409,24 @@ def split_features(embeds: dict[str, Callable[[torch.Tensor], torch.Tensor]], da
     return {k: (tr[k], try_, va[k], vy) for k in embeds}, list(sources[0].classes)
 
 
-def eval_features(checkpoint: str | Path, data_cfg: Optional[DictConfig] = None) -> EvalFeatures:
-    """Load the backbone of ``checkpoint`` and extract its pooled pre-logit features on the evaluation
-    split of ``data_cfg`` (default: the checkpoint's own data config). Shared by kNN and linear."""
-    model, ckpt, _ = load_backbone(checkpoint, for_finetune=False)  # CheckpointError if missing / not ours
-    model.eval()
+def eval_features(checkpoint: str | Path, data_cfg: Optional[DictConfig] = None, model: Optional[str] = None,
+                  img_size: Optional[int] = None) -> EvalFeatures:
+    """Load the backbone of ``checkpoint`` (``sslkit.pretrained``: sslkit checkpoints and exports, supported
+    foreign layouts with ``model``) and extract its pooled pre-logit features on the evaluation split of
+    ``data_cfg`` (default: an sslkit checkpoint's own data config) at ``img_size`` (default: the checkpoint's
+    view size, else the model's input size). Shared by kNN and linear."""
+    net, pre = load_backbone(checkpoint, for_finetune=False, model=model)  # CheckpointError if unusable
+    net.eval()
     if data_cfg is None:
-        data_cfg = OmegaConf.create(ckpt["config"]["data"])
-    size = int(ckpt["config"]["method"]["view"]["size"])
-    feats, classes = split_features({"model": lambda x: embed(model, x)}, data_cfg, size)
-    return EvalFeatures(*feats["model"], classes, ckpt, OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True))
+        if pre.ckpt is None:
+            raise ConfigError(f"{checkpoint} ({pre.source}) carries no data config: give the data to evaluate on, "
+                              f"e.g. data=image_folder data.path=/path/to/images")
+        data_cfg = OmegaConf.create(pre.ckpt["config"]["data"])
+    if img_size is None:
+        img_size = int(pre.ckpt["config"]["method"]["view"]["size"]) if pre.ckpt else \
+            int(net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    feats, classes = split_features({"model": lambda x: embed(net, x)}, data_cfg, int(img_size))
+    return EvalFeatures(*feats["model"], classes, pre, OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True))
 
 
 def _data_cfg(data: Optional[DictConfig | Sequence[str]]) -> Optional[DictConfig]:
@@ -431,10 +438,11 @@ def _data_cfg(data: Optional[DictConfig | Sequence[str]]) -> Optional[DictConfig
 
 
 def eval_knn(checkpoint: str | Path, data: Optional[DictConfig | Sequence[str]] = None, k: int = 20,
-             temperature: float = 0.07, out: Optional[str | Path] = None) -> dict[str, float]:
+             temperature: float = 0.07, out: Optional[str | Path] = None, *, model: Optional[str] = None,
+             img_size: Optional[int] = None) -> dict[str, float]:
     """Weighted kNN on frozen features: train split -> val split of the checkpoint's data config
-    (or of ``data``: a data config or ``data=...`` overrides)."""
-    f = eval_features(checkpoint, _data_cfg(data))
+    (or of ``data``: a data config or ``data=...`` overrides); ``model`` / ``img_size`` as ``eval_features``."""
+    f = eval_features(checkpoint, _data_cfg(data), model, img_size)
     check_eval_labels(f.train_y, f.val_y, len(f.classes), f.classes, what="kNN")
     res = knn_classify(f.train_f, f.train_y, f.val_f, f.val_y, k=k, temperature=temperature)
     print(f"[sslkit] kNN (k={k}, T={temperature}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
@@ -445,11 +453,12 @@ def eval_knn(checkpoint: str | Path, data: Optional[DictConfig | Sequence[str]] 
 
 def eval_linear(checkpoint: str | Path, data: Optional[DictConfig | Sequence[str]] = None,
                 lrs: Optional[Sequence[float]] = None, epochs: int = 100, out: Optional[str | Path] = None, *,
-                batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0) -> dict[str, Any]:
+                batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0, model: Optional[str] = None,
+                img_size: Optional[int] = None) -> dict[str, Any]:
     """Linear probe on frozen features (``linear_probe``): train split -> val split, like ``eval_knn``.
     The lr is chosen on held-out train samples; val is only reported. Writes the result (checkpoint,
     protocol, chosen lr, top-1 / top-5, every lr's held-out and val accuracy) to ``out``."""
-    f = eval_features(checkpoint, _data_cfg(data))
+    f = eval_features(checkpoint, _data_cfg(data), model, img_size)
     res = linear_probe(f.train_f, f.train_y, f.val_f, f.val_y, num_classes=len(f.classes),
                        lrs=tuple(lrs) if lrs else DEFAULT_LRS, epochs=epochs, batch_size=batch_size,
                        weight_decay=weight_decay, seed=seed, class_names=f.classes)
@@ -463,8 +472,9 @@ def eval_linear(checkpoint: str | Path, data: Optional[DictConfig | Sequence[str
     diverged = [d["lr"] for d in res["per_lr"] if d["diverged"]]
     if diverged:
         print(f"[sslkit] note: lrs {diverged} diverged (never selected)")
-    report = {"checkpoint": str(checkpoint), "method": f.ckpt["method"], "step": f.ckpt["step"],
-              "model": f.ckpt["model_config"]["name"], "data": f.data, "eval": "linear",
+    report = {"checkpoint": str(checkpoint), "method": f.pretrained.meta.get("method"),
+              "step": f.pretrained.meta.get("step"), "model": f.pretrained.model_name, "source": f.pretrained.source,
+              "data": f.data, "eval": "linear",
               "features": "backbone pooled pre-logits (CLS for ViT, mean-pooled last stage for PVT/Swin), "
                           "L2-normalized", **res}
     if out:

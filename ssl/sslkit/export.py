@@ -32,19 +32,20 @@ def write_backbone(model: torch.nn.Module, out: str | Path, meta: dict[str, Any]
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Export the backbone of an sslkit checkpoint to ``out`` (see the module docstring); returns ``out``."""
-    model, ckpt, kwargs = load_backbone(checkpoint, for_finetune=True)
-    name = ckpt["model_config"]["name"]
+    model, pre = load_backbone(checkpoint, for_finetune=True)
+    name, ckpt = pre.model_name, pre.ckpt
     out = Path(out)
     weights = out / "backbone.safetensors"
+    method = pre.meta.get("method")
     meta = {
         "model_name": name,
-        "create_kwargs": {k: v for k, v in kwargs.items() if k != "num_classes"},
-        "method": ckpt["method"], "step": ckpt["step"], "source_checkpoint": str(checkpoint),
-        "sslkit_version": ckpt["sslkit_version"],
+        "create_kwargs": {k: v for k, v in pre.kwargs.items() if k != "num_classes"},
+        "method": method, "step": pre.meta.get("step"), "source_checkpoint": str(checkpoint), "source": pre.source,
+        "sslkit_version": ckpt["sslkit_version"] if ckpt else None,
         "load_with": f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='{weights}'), "
                      f"num_classes=N)",
-        "backbone_prefix": ckpt.get("backbone_prefix", ckpt_io.DEFAULT_BACKBONE_PREFIX),
-        "notes": METHODS.get(ckpt["method"], Method).export_note,
+        "backbone_prefix": ckpt.get("backbone_prefix", ckpt_io.DEFAULT_BACKBONE_PREFIX) if ckpt else None,
+        "notes": METHODS.get(method, Method).export_note if method else "Backbone only (no head).",
     }
     write_backbone(model, out, meta)
     print(f"[sslkit] wrote {weights} ({len(model.state_dict())} tensors) and backbone.json")

@@ -368,6 +368,8 @@ class EvalKNNConfig:
     """``sslkit-eval knn``: weighted kNN (DINO protocol) of a checkpoint's frozen backbone, train -> val split."""
 
     checkpoint: str = MISSING  # an sslkit checkpoint (its backbone: the teacher's for DINOv2)
+    model: Optional[str] = None  # the sslkit model to build, for a foreign checkpoint (e.g. sslkit_vit_small)
+    img_size: Optional[int] = positive(None)  # eval resolution; default: the checkpoint's view size / the model's
     data: Optional[DataConfig] = None  # default: the checkpoint's own data config; or data=<group> data.path=...
     k: int = positive(20)  # neighbours
     t: float = positive(0.07)  # temperature of the vote weights exp(sim / t)
@@ -379,6 +381,8 @@ class EvalLinearConfig:
     """``sslkit-eval linear``: linear probe (one-pass lr sweep, lr chosen on held-out train images)."""
 
     checkpoint: str = MISSING
+    model: Optional[str] = None  # the sslkit model to build, for a foreign checkpoint (e.g. sslkit_vit_small)
+    img_size: Optional[int] = positive(None)  # eval resolution; default: the checkpoint's view size / the model's
     data: Optional[DataConfig] = None  # default: the checkpoint's own data config; or data=<group> data.path=...
     epochs: int = positive(100)
     lrs: Optional[list[float]] = checked(None, each(gt(0)))  # default: evaluation.DEFAULT_LRS (1e-4 ... 1)

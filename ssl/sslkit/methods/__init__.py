@@ -7,9 +7,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from sslkit.methods.base import METHODS, Method, build_method, create_backbone, embed, register_method
+from sslkit.methods.base import METHODS, Method, backbone_kwargs, build_method, create_backbone, embed, register_method
 
 for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["METHODS", "Method", "build_method", "create_backbone", "embed", "register_method"]
+__all__ = ["METHODS", "Method", "backbone_kwargs", "build_method", "create_backbone", "embed", "register_method"]

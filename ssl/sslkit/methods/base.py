@@ -44,15 +44,19 @@ from sslkit.schemas import MethodConfig
 MaskFn = Callable[[int, torch.Generator], dict[str, torch.Tensor]]
 
 
-def create_backbone(model_cfg: Any, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """``timm.create_model`` from a ``ModelConfig``; returns the model and the kwargs that rebuild it."""
+def backbone_kwargs(model_cfg: Any, **overrides: Any) -> dict[str, Any]:
+    """The ``create_model`` kwargs of a ``ModelConfig`` (plain values: they go into checkpoints)."""
     kwargs: dict[str, Any] = {"num_classes": 0, "drop_path_rate": float(model_cfg.drop_path_rate),
                               "img_size": int(model_cfg.img_size)}
     extra = model_cfg.kwargs or {}
     if OmegaConf.is_config(extra):  # plain lists / dicts: the kwargs go into the checkpoint (weights_only)
         extra = OmegaConf.to_container(extra, resolve=True)
-    kwargs.update(extra)
-    kwargs.update(overrides)
+    return {**kwargs, **extra, **overrides}
+
+
+def create_backbone(model_cfg: Any, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``timm.create_model`` from a ``ModelConfig``; returns the model and the kwargs that rebuild it."""
+    kwargs = backbone_kwargs(model_cfg, **overrides)
     name = str(model_cfg.name)
     if not timm.is_model(name):
         close = [m for m in timm.list_models(f"*{name.split('_')[-1]}*") if m.startswith("sslkit")][:8]

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from omegaconf import MISSING
 
-from sslkit.errors import CheckpointError, ConfigError, DataError
+from sslkit.errors import ConfigError, DataError
 from sslkit.layers.dropblock_placement import apply_dropblock, dropblock_schedule, set_drop_prob
-from sslkit.methods.base import Method, create_backbone, register_method
+from sslkit.methods.base import Method, backbone_kwargs, create_backbone, register_method
 from sslkit.methods.ema import ema_update, freeze
 from sslkit.pretrained import load_backbone
 from sslkit.schemas import Choice, MethodConfig, between, checked, nonneg, positive, prob
@@ -157,14 +157,12 @@ class Classifier(Method):
         self.cfg = cfg
         self.label_smoothing = float(cfg.label_smoothing)
         self.num_classes = int(cfg.num_classes)
-        if cfg.checkpoint:
-            self.backbone, ckpt, kwargs = load_backbone(
-                cfg.checkpoint, for_finetune=True, drop_path_rate=float(model_cfg.drop_path_rate))
-            if ckpt["model_config"]["name"] != str(model_cfg.name):
-                raise CheckpointError(
-                    f"method.checkpoint holds a {ckpt['model_config']['name']} encoder but model={model_cfg.name}: "
-                    f"use model={ckpt['model_config']['name']}")
-            self.model_config = {"name": ckpt["model_config"]["name"], "kwargs": {**kwargs, "num_classes": self.num_classes}}
+        if cfg.checkpoint:  # an sslkit checkpoint / export, or a supported foreign one (sslkit.pretrained)
+            kwargs = backbone_kwargs(model_cfg, um_pretrain=False)
+            self.backbone, pre = load_backbone(cfg.checkpoint, for_finetune=True, model=str(model_cfg.name),
+                                               kwargs={k: v for k, v in kwargs.items() if k != "drop_path_rate"},
+                                               drop_path_rate=float(model_cfg.drop_path_rate))
+            self.model_config = {"name": pre.model_name, "kwargs": {**pre.kwargs, "num_classes": self.num_classes}}
         else:
             self.backbone, self.model_config = create_backbone(model_cfg, um_pretrain=False)
             self.model_config["kwargs"]["num_classes"] = self.num_classes
