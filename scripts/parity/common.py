@@ -36,19 +36,19 @@ def on_path(repo: Path) -> Iterator[None]:
 def write_fixture(path: Path, tensors: dict[str, torch.Tensor], *, reference: str, commit: str,
                   **meta: Any) -> Path:
     """Write ``tensors`` (contiguous, detached, CPU) with metadata: the reference repo, its commit, and
-    ``meta`` (JSON-encoded values). Same inputs -> the same bytes."""
+    ``meta``, all in ONE metadata entry ``"meta"`` (sorted JSON): safetensors writes several entries in a
+    random order, one entry keeps the bytes reproducible. Same inputs -> the same bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}
-    md = {"reference": reference, "commit": commit, **{k: json.dumps(v, sort_keys=True) for k, v in sorted(meta.items())}}
+    md = {"meta": json.dumps({"reference": reference, "commit": commit, **meta}, sort_keys=True)}
     save_file(data, str(path), metadata=md)
     return path
 
 
 def read_fixture(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a fixture; metadata values other than reference / commit are JSON-decoded."""
+    """(tensors, metadata) of a fixture (the metadata: the decoded ``"meta"`` entry)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         md = dict(f.metadata() or {})
-    meta = {k: (v if k in ("reference", "commit") else json.loads(v)) for k, v in md.items()}
-    return load_file(str(path)), meta
+    return load_file(str(path)), json.loads(md["meta"])

@@ -52,13 +52,18 @@ class SimMIM(Method):
     def masking(self) -> RandomMasking:
         return RandomMasking(self.grid, self.mask_ratio)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images, masked = batch["images"], batch["masked"]
-        B, C, H, W = images.shape
+    def forward_encoder(self, images: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) + (B, L) masked units -> (B, H/s, W/s, C): the stem tokens of masked units replaced by
+        the mask token, then the backbone."""
         x = self.backbone.stem(images)  # (B, h, w, C0)
         hide = upsample_units(masked, self.grid, self.r)  # (B, h, w, 1)
         x = torch.where(hide, self.mask_token.to(x.dtype), x)
-        z = self.backbone.forward_tokens(x)  # (B, H/s, W/s, C)
+        return self.backbone.forward_tokens(x)  # (B, H/s, W/s, C)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, masked = batch["images"], batch["masked"]
+        B, C, H, W = images.shape
+        z = self.forward_encoder(images, masked)  # (B, H/s, W/s, C)
         s = self.backbone.reduction
         rec = self.decoder(z).permute(0, 3, 1, 2)  # (B, s*s*3, H/s, W/s)
         rec = F.pixel_shuffle(rec, s)  # (B, 3, H, W)

@@ -96,6 +96,7 @@ class PyramidClassifierMixin:
     global_pool: str
     head: nn.Module
     head_drop: nn.Module
+    fc_norm: nn.Module  # Identity, or the LayerNorm of the pooled feature (MAE-style fine-tuning heads)
 
     def _new_head(self, num_classes: int) -> nn.Module:
         return new_head(self, self.num_features, num_classes)  # type: ignore[arg-type]
@@ -115,6 +116,7 @@ class PyramidClassifierMixin:
         unless ``pre_logits``, the head (last dim C -> num_classes)."""
         if self.global_pool == "avg":
             x = x.mean(dim=(1, 2))  # (B, C)
+        x = self.fc_norm(x)  # Identity unless the host normalizes after pooling (fc_norm=True)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 

@@ -198,6 +198,13 @@ class PVT(PyramidClassifierMixin, nn.Module):
             :class:`~sslkit.models._common.PyramidClassifierMixin` for ``forward_head`` /
             ``reset_classifier``.
         drop_rate: dropout before the head (timm's ``drop_rate``).
+        pos_embed: ``"sincos"`` (default): the fixed 2-D sin-cos embedding of each stem token's original
+            coordinates (UM-MAE pretraining, and fine-tuning as sslkit does it); ``"learned"``: a parameter
+            ``pos_embed`` (1, h*w, C0) initialized with that table at ``img_size`` (bicubic-resampled to
+            other grids), as the UM-MAE reference fine-tuning model has (its checkpoints load into it).
+        fc_norm: ``False`` (default): the final LayerNorm ``norm`` acts on every token before pooling;
+            ``True``: ``norm`` is Identity and ``fc_norm`` normalizes the pooled feature (the UM-MAE / MAE
+            reference fine-tuning head).
         drop_path_rate: stochastic depth, ramped LINEARLY over all blocks of all stages
             (``drop_path_schedule = "linear"``, timm / official PVT convention): block ``i`` of ``n``
             (in order, across stages) drops its residual branches with probability
@@ -222,9 +229,15 @@ class PVT(PyramidClassifierMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         um_pretrain: bool = False,
+        pos_embed: str = "sincos",
+        fc_norm: bool = False,
     ) -> None:
         super().__init__()
         S = len(depths)
+        if pos_embed not in ("sincos", "learned"):
+            raise ConfigError(f"PVT: pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
+        if pos_embed == "learned" and um_pretrain:
+            raise ConfigError("PVT: UM-MAE pretraining needs pos_embed='sincos' (positions of the kept tokens)")
         if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(sr_ratios) == S):
             raise ConfigError("PVT: embed_dims, depths, num_heads, mlp_ratios, sr_ratios need one entry per stage")
         if embed_dims[0] % 4:
@@ -260,8 +273,16 @@ class PVT(PyramidClassifierMixin, nn.Module):
             )
             k += depths[i]
         self.stages = nn.ModuleList(stages)
-        self.norm = nn.LayerNorm(self.num_features, eps=FINAL_NORM_EPS)
+        self.norm = nn.Identity() if fc_norm else nn.LayerNorm(self.num_features, eps=FINAL_NORM_EPS)
+        self.fc_norm = nn.LayerNorm(self.num_features, eps=FINAL_NORM_EPS) if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
+        self.pos_embed: nn.Parameter | None = None
+        if pos_embed == "learned":
+            gh, gw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            gh, gw = gh // self.stem_stride, gw // self.stem_stride
+            self.pos_grid = (gh, gw)
+            table = sincos_2d(grid_coords(gh, gw), self.embed_dims[0]).reshape(1, gh * gw, self.embed_dims[0])
+            self.pos_embed = nn.Parameter(table.clone())  # (1, h*w, C0)
         self._init_weights()
         self.head = self._new_head(num_classes)  # after the backbone init: same init as reset_classifier
 
@@ -286,22 +307,22 @@ class PVT(PyramidClassifierMixin, nn.Module):
     # ------------------------------------------------------------------------ timm convention
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """No extra exclusions: the position embedding is fixed (not a parameter); 1-D params are
+        """The learned position embedding (if any); the sin-cos one is not a parameter, and 1-D params are
         excluded by the optimizer factory."""
-        return set()
+        return {"pos_embed"} if self.pos_embed is not None else set()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Stem, then one group per block (coarse: per stage). A stage's PatchMerge joins its first
         block (as in the reference layer-decay), the final norm joins the last block, the head is last."""
         return dict(
-            stem=r"^patch_embed",
+            stem=r"^patch_embed|^pos_embed",
             blocks=r"^stages\.(\d+)"
             if coarse
             else [
                 (r"^stages\.(\d+)\.downsample", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),  # timm MATCH_PREV_GROUP
+                (r"^norm|^fc_norm", (99999,)),  # timm MATCH_PREV_GROUP
             ],
         )
 
@@ -326,14 +347,27 @@ class PVT(PyramidClassifierMixin, nn.Module):
                 f"PVT: token map {h}x{w} is not divisible by {m} (input sizes must be multiples of "
                 f"reduction={self.reduction} pixels)"
             )
-        if pos is None:
-            pos = grid_coords(h, w, device=x.device)  # (h, w, 2), broadcast over B
+        if self.pos_embed is not None:
+            assert pos is None, "a learned position embedding takes no token coordinates"
+            x = x + self._learned_pos(h, w).to(x.dtype)  # (1, h, w, C0)
         else:
-            assert pos.shape[-3:] == (h, w, 2) and pos.ndim in (3, 4), f"pos {tuple(pos.shape)} vs tokens {(B, h, w)}"
-        x = x + sincos_2d(pos, C0).to(x.dtype)  # (B, h, w, C0)
+            if pos is None:
+                pos = grid_coords(h, w, device=x.device)  # (h, w, 2), broadcast over B
+            else:
+                assert pos.shape[-3:] == (h, w, 2) and pos.ndim in (3, 4), f"pos {tuple(pos.shape)} vs tokens {(B, h, w)}"
+            x = x + sincos_2d(pos, C0).to(x.dtype)  # (B, h, w, C0)
         for stage in self.stages:
             x = stage(x)
         return self.norm(x)  # (B, h/m, w/m, C)
+
+    def _learned_pos(self, h: int, w: int) -> torch.Tensor:
+        """The learned table as (1, h, w, C0), bicubic-resampled when the grid is not ``img_size``'s."""
+        gh, gw = self.pos_grid
+        pe = self.pos_embed.reshape(1, gh, gw, -1)
+        if (h, w) != (gh, gw):
+            pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
+            pe = pe.permute(0, 2, 3, 1)
+        return pe
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(self.stem(x))

@@ -49,7 +49,10 @@ __all__ = [
     "sslkit_swin_test",
 ]
 
-_LayerNorm = functools.partial(nn.LayerNorm, eps=1e-6)
+_LayerNorm = functools.partial(nn.LayerNorm, eps=1e-6)  # stem, merges, final norm (the reference's norm_layer)
+# The reference builds its blocks' norm1 / norm2 with nn.LayerNorm's default eps (1e-5): its
+# norm_layer=partial(nn.LayerNorm, eps=1e-6) never reaches SwinBlock (found by the parity fixtures).
+_BlockLayerNorm = functools.partial(nn.LayerNorm, eps=1e-5)
 
 
 # ------------------------------------------------------------------------------- window helpers
@@ -237,7 +240,7 @@ class SwinBlock(nn.Module):
         qkv_bias: bool = True,
         posmlp_dim: int = 32,
         drop_path: float = 0.0,
-        norm_layer: Callable[[int], nn.Module] = _LayerNorm,
+        norm_layer: Callable[[int], nn.Module] = _BlockLayerNorm,
     ) -> None:
         super().__init__()
         self.shifted = shifted
@@ -314,7 +317,7 @@ class SwinStage(nn.Module):
         self.grad_checkpointing = False
         self.downsample = PatchMerge(in_dim, dim, norm_layer) if downsample else nn.Identity()
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, j % 2 == 1, mlp_ratio, qkv_bias, posmlp_dim, drop_path[j], norm_layer)
+            SwinBlock(dim, num_heads, j % 2 == 1, mlp_ratio, qkv_bias, posmlp_dim, drop_path[j])  # block eps 1e-5
             for j in range(depth)
         )
 
@@ -359,6 +362,9 @@ class SwinUM(PyramidClassifierMixin, nn.Module):
             :class:`~sslkit.models._common.PyramidClassifierMixin` for ``forward_head`` /
             ``reset_classifier``.
         drop_rate: dropout before the head (timm's ``drop_rate``).
+        fc_norm: ``False`` (default): the final LayerNorm ``norm`` acts on every token before pooling;
+            ``True``: ``norm`` is Identity and ``fc_norm`` normalizes the pooled feature (the UM-MAE / MAE
+            reference fine-tuning head; its checkpoints load into it).
         drop_path_rate: stochastic depth, ramped LINEARLY over all blocks of all stages
             (``drop_path_schedule = "linear"``, timm / official Swin convention): block ``i`` of ``n``
             (in order, across stages) drops its residual branches with probability
@@ -385,6 +391,7 @@ class SwinUM(PyramidClassifierMixin, nn.Module):
         um_pretrain: bool = False,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        fc_norm: bool = False,
     ) -> None:
         super().__init__()
         if len(depths) != len(num_heads):
@@ -417,7 +424,8 @@ class SwinUM(PyramidClassifierMixin, nn.Module):
                     drop_path=dpr[first:first + depths[i]], norm_layer=_LayerNorm,
                 )
             )  # fmt: skip
-        self.norm = _LayerNorm(self.num_features)
+        self.norm = nn.Identity() if fc_norm else _LayerNorm(self.num_features)
+        self.fc_norm = _LayerNorm(self.num_features) if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self._init_weights()
         self.head = self._new_head(num_classes)  # after the backbone init: same init as reset_classifier
@@ -460,7 +468,7 @@ class SwinUM(PyramidClassifierMixin, nn.Module):
             else [
                 (r"^stages\.(\d+)\.downsample", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
+                (r"^norm|^fc_norm", (99999,)),
             ],
         )
 
