@@ -498,8 +498,11 @@ def summarize(cfg: DictConfig, method: Method, run_dir: str | Path) -> dict[str,
     device = next(method.parameters()).device
     train_src, val_src = eval_sources(cfg.data, int(cfg.trainer.knn_train_samples), int(cfg.trainer.knn_val_samples))
     loaders = [build_eval_loader(s, cfg.data, size) for s in (train_src, val_src)]
+    base = copy.deepcopy(cfg)  # the baseline is the model at random init, not at its method.init_from weights
+    if base.method.get("init_from"):
+        base.method.init_from = None
     torch.manual_seed(int(cfg.trainer.seed))
-    random_init = build_method(cfg).to(device).eval()
+    random_init = build_method(base).to(device).eval()
     method.eval()
     out: dict[str, float] = {}
     for label, m in [("pretrained", method), ("random_init", random_init)]:  # the training loss on held-out images

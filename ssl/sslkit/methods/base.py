@@ -38,7 +38,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import sslkit.models  # noqa: F401  (registers the sslkit_* backbones with timm)
-from sslkit.errors import ConfigError
+from sslkit.errors import CheckpointError, ConfigError
+from sslkit.pretrained import Pretrained, check_load, load_pretrained
 from sslkit.schemas import MethodConfig
 
 MaskFn = Callable[[int, torch.Generator], dict[str, torch.Tensor]]
@@ -68,6 +69,29 @@ def create_backbone(model_cfg: Any, **overrides: Any) -> tuple[nn.Module, dict[s
         raise ConfigError(f"model {name!r} rejected its arguments (img_size={kwargs['img_size']}, model.kwargs="
                           f"{dict(model_cfg.kwargs or {})}): {e}") from e
     return model, {"name": name, "kwargs": kwargs}
+
+
+_NOT_ARCH = ("num_classes", "drop_path_rate", "img_size")  # create kwargs that do not change the weights' shapes
+
+
+def init_backbone(backbone: nn.Module, model_config: dict[str, Any], path: str) -> Pretrained:
+    """Continued pretraining (``method.init_from``): load the backbone weights of ``path`` (any source of
+    ``sslkit.pretrained``: sslkit checkpoints and exports, the UM-MAE / DINOv2 / timm layouts) into ``backbone``
+    with an exact key match. UM-MAE pretraining and fine-tuning shapes are the same for sslkit's pyramids, so
+    either kind of checkpoint initializes either. CheckpointError naming the mismatch and the model kwargs
+    that would fit."""
+    kwargs = {k: v for k, v in model_config["kwargs"].items() if k not in ("num_classes", "drop_path_rate")}
+    pre = load_pretrained(path, model_config["name"], kwargs, for_finetune=not kwargs.get("um_pretrain", False))
+    need = {k: v for k, v in pre.kwargs.items() if k not in (*_NOT_ARCH, "um_pretrain") and kwargs.get(k) != v}
+    try:
+        check_load(backbone, pre.state_dict, f"method.init_from={path}: backbone {model_config['name']}")
+    except CheckpointError as e:
+        hint = (" Its backbone was built with " + ", ".join(f"model.kwargs.{k}={v}" for k, v in need.items())
+                + ": set those.") if need else ""
+        raise CheckpointError(f"{e}.{hint}") from None
+    print(f"[sslkit] method.init_from: backbone initialized from {path} ({pre.source}"
+          f"{', step ' + str(pre.meta['step']) if pre.meta.get('step') is not None else ''})")
+    return pre
 
 
 class Method(nn.Module):

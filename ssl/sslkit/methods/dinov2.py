@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from sslkit.errors import ConfigError
 from sslkit.masking import BlockMasking
 from sslkit.methods import dino_losses as L
-from sslkit.methods.base import Method, create_backbone, embed, register_method
+from sslkit.methods.base import Method, create_backbone, embed, init_backbone, register_method
 from sslkit.methods.ema import ema_update, freeze
 from sslkit.schedules import cosine, linear
 from sslkit.schemas import (Choice, MethodConfig, MultiCropViewConfig, between, checked, ge, nonneg, ordered_pair, positive,
@@ -56,6 +56,7 @@ class DINOv2Config(MethodConfig):
 
     name: str = "dinov2"
     view: MultiCropViewConfig = field(default_factory=MultiCropViewConfig)
+    init_from: Optional[str] = None  # continued pretraining: a checkpoint whose backbone initializes student and teacher
     # heads
     prototypes: int = checked(65536, ge(2))  # K of the DINO head (and of the iBOT head when shared)
     head_hidden_dim: int = positive(2048)
@@ -139,6 +140,8 @@ class DINOv2(Method):
         self.cfg = cfg
         view = cfg.view
         backbone, self.model_config = create_backbone(model_cfg)
+        if cfg.init_from:  # continued pretraining (student and teacher for DINOv2: the teacher is a copy)
+            init_backbone(backbone, self.model_config, str(cfg.init_from))
         if not hasattr(backbone, "forward_packed"):
             raise ConfigError(f"method=dinov2 needs a ViT backbone with forward_packed (e.g. model=vit_small); "
                               f"{self.model_config['name']} has none")

@@ -8,7 +8,7 @@ reconstructs the image; the loss is L1 on the masked pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from sslkit.masking import RandomMasking
-from sslkit.methods.base import Method, create_backbone, register_method
+from sslkit.methods.base import Method, create_backbone, init_backbone, register_method
 from sslkit.methods.umae import check_unit
 from sslkit.models.um import upsample_units
 from sslkit.schemas import MethodConfig, between, checked, positive
@@ -25,6 +25,7 @@ from sslkit.schemas import MethodConfig, between, checked, positive
 @dataclass
 class SimMIMConfig(MethodConfig):
     name: str = "simmim"
+    init_from: Optional[str] = None  # continued pretraining: a checkpoint whose backbone initializes the encoder
     unit: int = positive(16)  # mask unit in pixels (the pyramid's final stride / 2, as UM-MAE's)
     mask_ratio: float = checked(0.75, between(0.0, 1.0, open_lo=True, open_hi=True))  # random share of units masked
 
@@ -40,6 +41,8 @@ class SimMIM(Method):
         super().__init__()
         self.cfg = cfg
         self.backbone, self.model_config = create_backbone(model_cfg, um_pretrain=False)
+        if cfg.init_from:  # continued pretraining from any supported checkpoint (sslkit.pretrained)
+            init_backbone(self.backbone, self.model_config, str(cfg.init_from))
         self.unit, g = check_unit(int(cfg.unit), self.backbone, int(cfg.view.size))
         self.grid = (g, g)
         self.r = self.unit // self.backbone.stem_stride

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import nn
 
 from sslkit.errors import ConfigError
 from sslkit.masking import UniformMasking, blocks_to_grid
-from sslkit.methods.base import Method, create_backbone, register_method
+from sslkit.methods.base import Method, create_backbone, init_backbone, register_method
 from sslkit.models.pos_embed import grid_coords, sincos_2d
 from sslkit.models.um import gather_kept_units, patchify, um_positions, upsample_units
 from sslkit.schemas import MethodConfig, between, checked, positive
@@ -34,6 +34,7 @@ class UMMAEConfig(MethodConfig):
     """Uniform sampling always removes 75% of the units (one of every 2x2 block kept): no ratio knob."""
 
     name: str = "umae"
+    init_from: Optional[str] = None  # continued pretraining: a checkpoint whose backbone initializes the encoder
     unit: int = positive(16)  # patch unit in pixels (the pyramid's final stride / 2)
     secondary_mask_ratio: float = checked(0.25, between(0.0, 1.0, open_hi=True))  # of the kept units, behind a token
     norm_pix_loss: bool = True
@@ -104,6 +105,8 @@ class UMMAE(Method):
         super().__init__()
         self.cfg = cfg
         self.backbone, self.model_config = create_backbone(model_cfg, um_pretrain=True)
+        if cfg.init_from:  # continued pretraining from any supported checkpoint (sslkit.pretrained)
+            init_backbone(self.backbone, self.model_config, str(cfg.init_from))
         img = int(cfg.view.size)
         self.unit, g = check_unit(int(cfg.unit), self.backbone, img)
         self.grid = (g, g)

@@ -89,6 +89,21 @@ def convert_backbone(sd: Mapping[str, Tensor], family: str, *, keep: tuple[str, 
     return out
 
 
+def architecture(sd: Mapping[str, Tensor], family: str) -> dict[str, Any]:
+    """The create kwargs that the reference weights fix (all but the head counts, which no shape shows):
+    stem stride, per-stage widths, depths, MLP ratios (and the bias-MLP width for Swin)."""
+    stages = _stages(sd)
+    depths = [sum(1 for i, _ in stages.values() if i == s) for s in range(max(i for i, _ in stages.values()) + 1)]
+    first = {i: k for k, (i, j) in sorted(stages.items(), reverse=True) if j == 0}  # first block of each stage
+    dims = [int(sd[f"blocks.{first[i]}.norm1.weight"].shape[0]) for i in range(len(depths))]
+    ratios = [sd[f"blocks.{first[i]}.mlp.fc1.weight"].shape[0] / dims[i] for i in range(len(depths))]
+    out: dict[str, Any] = {"patch_size": int(sd["patch_embed.proj.weight"].shape[-1]), "depths": depths}
+    if family == "pvt":
+        return {**out, "embed_dims": dims, "mlp_ratios": [int(r) if r == int(r) else r for r in ratios]}
+    return {**out, "embed_dim": dims[0], "mlp_ratio": ratios[0],
+            "posmlp_dim": int(sd[f"blocks.{first[0]}.attn.posmlp.0.weight"].shape[0])}
+
+
 def _is(sd: Mapping[str, Tensor], family: str, *need: str, without: tuple[str, ...] = ()) -> bool:
     marker = "blocks.0.attn.q.weight" if family == "pvt" else "blocks.0.attn.posmlp.0.weight"
     return marker in sd and all(k in sd for k in need) and not any(k in sd for k in without)
@@ -98,27 +113,30 @@ _PRETRAIN_IGNORE = ("pos_embed", "decoder_", "mask_token", "vis_mask_token")
 
 
 def _pvt_pretrain(sd: Mapping[str, Tensor], model: str, kwargs: dict[str, Any]) -> tuple[StateDict, dict[str, Any]]:
-    return convert_backbone(sd, "pvt", ignore=_PRETRAIN_IGNORE), {"um_pretrain": True}
+    return convert_backbone(sd, "pvt", ignore=_PRETRAIN_IGNORE), {**architecture(sd, "pvt"), "um_pretrain": True}
 
 
 def _pvt_finetune(sd: Mapping[str, Tensor], model: str, kwargs: dict[str, Any]) -> tuple[StateDict, dict[str, Any]]:
     out = convert_backbone(sd, "pvt", keep=("pos_embed", "fc_norm"), ignore=("head.",))
     patch = int(sd["patch_embed.proj.weight"].shape[-1])
     side = int(round(out["pos_embed"].shape[1] ** 0.5))  # the learned table's grid is the training size
-    return out, {"um_pretrain": False, "pos_embed": "learned", "fc_norm": True, "img_size": side * patch}
+    return out, {**architecture(sd, "pvt"), "um_pretrain": False, "pos_embed": "learned", "fc_norm": True,
+                 "img_size": side * patch}
 
 
 def _swin_pretrain(sd: Mapping[str, Tensor], model: str, kwargs: dict[str, Any]) -> tuple[StateDict, dict[str, Any]]:
-    return convert_backbone(sd, "swin", ignore=_PRETRAIN_IGNORE), {"um_pretrain": True}
+    return convert_backbone(sd, "swin", ignore=_PRETRAIN_IGNORE), {**architecture(sd, "swin"), "um_pretrain": True}
 
 
 def _swin_finetune(sd: Mapping[str, Tensor], model: str, kwargs: dict[str, Any]) -> tuple[StateDict, dict[str, Any]]:
-    return convert_backbone(sd, "swin", keep=("fc_norm",), ignore=("head.",)), {"um_pretrain": False, "fc_norm": True}
+    return convert_backbone(sd, "swin", keep=("fc_norm",), ignore=("head.",)), {**architecture(sd, "swin"),
+                                                                                 "um_pretrain": False, "fc_norm": True}
 
 
 def _simmim(family: str):
     def convert(sd: Mapping[str, Tensor], model: str, kwargs: dict[str, Any]) -> tuple[StateDict, dict[str, Any]]:
-        return convert_backbone(sd, family, ignore=("pos_embed", "mask_token", "decoder_pred")), {"um_pretrain": False}
+        return (convert_backbone(sd, family, ignore=("pos_embed", "mask_token", "decoder_pred")),
+                {**architecture(sd, family), "um_pretrain": False})
     return convert
 
 
