@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         import dinov2_fixtures
 
         written += dinov2_fixtures.make(args.dinov2.resolve(), out)
+        written += __import__("dinov2_checkpoints").make(args.dinov2.resolve(), out)  # tiny DINOv2 checkpoints
     if args.umae:
         import umae_fixtures
 

@@ -281,6 +281,7 @@ _COMPATIBLE_KWARGS: dict[str, Callable[[Any], bool]] = {
     "proj_drop_rate": lambda v: v == 0,
     "attn_drop_rate": lambda v: v == 0,
     "weight_init": lambda v: v in ("", "skip"),
+    "um_pretrain": lambda v: v is False,  # sslkit's backbone convention (classify passes False); no UM-MAE ViT
 }
 
 
