@@ -274,8 +274,8 @@ class DINOv2(Method):
         dino = L.dino_loss(s_cls_logits.split(n_img), t_cls.split(n_img), float(self.cfg.student_temp))
         counts = masked.sum(dim=1, keepdim=True).clamp_min(1)  # (G*B, 1)
         weight = (1.0 / counts).expand_as(masked)[masked]  # (M,) 1/#masked of each token's image
+        # DINOv2's scale: per masked image mean, summed, / (G*B) (its loss_scales 2 x ibot_loss_scale 1/G = 1)
         ibot = L.ibot_loss(s_patch_logits, t_patch, weight, masked.shape[0], float(self.cfg.student_temp))
-        ibot = ibot * self.n_global  # DINOv2's loss scale: per masked image mean, summed, / B
         g_cls = outs[0][:, 0]  # (G*B, C) student CLS of the global crops (backbone output, pre-head)
         koleo = sum(L.koleo_loss(c) for c in g_cls.split(n_img))
         loss = (float(self.cfg.dino_loss_weight) * dino + float(self.cfg.ibot_loss_weight) * ibot
