@@ -87,7 +87,8 @@ def _export_dir(path: Path) -> Optional[tuple[Path, dict[str, Any], str]]:
                                  ("backbone.safetensors", "backbone.json", "backbone")):
         w, m = folder / weights, folder / meta
         if (path.is_dir() or path.name == weights) and w.exists() and m.exists():
-            return w, json.loads(m.read_text()), which
+            cfg = json.loads(m.read_text())
+            return w, {**cfg.get("sslkit", {}), **cfg}, which  # hub: the provenance (method, step) is under "sslkit"
     return None
 
 
