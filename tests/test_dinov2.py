@@ -149,3 +149,21 @@ def test_state_dict_holds_teacher_student_and_centers():
     assert any(k.startswith("teacher.backbone.") for k in keys) and any(k.startswith("student.backbone.") for k in keys)
     assert "dino_center.center" in keys and "ibot_center.center" in keys
     assert m.backbone_prefix == "teacher.backbone."
+
+
+def test_gradient_clipping_treats_backbone_and_heads_separately_as_the_reference():
+    """optim.clip_grad clips each student part (backbone, DINO head) to the norm on its own (DINOv2's
+    train.py: for v in student.values(): v.clip_grad_norm_); the logged grad_norm is the global norm."""
+    from sslkit.distributed import Dist, LaunchEnv
+
+    m = make()
+    parts = list(m.student.values())
+    for i, part in enumerate(parts):
+        for p in part.parameters():
+            p.grad = torch.full_like(p, float(i + 1))  # backbone grads 1, head grads 2
+    norms = [torch.cat([p.grad.flatten() for p in part.parameters()]).norm() for part in parts]
+    dd = Dist("single", LaunchEnv(0, 1, 0, "none", "", 0), torch.device("cpu"), owns_group=False)
+    total = dd.clip_grad_norm(m, 3.0)
+    assert total == pytest.approx(float(torch.stack(norms).norm()), rel=1e-6)
+    for part in parts:  # each part on its own at 3.0 (a global clip would leave the backbone far below 3)
+        assert float(torch.cat([p.grad.flatten() for p in part.parameters()]).norm()) == pytest.approx(3.0, rel=1e-4)  # torch: max / (norm + 1e-6)

@@ -63,3 +63,17 @@ def test_eval_knn_on_checkpoint(trained, tmp_path):
     res = eval_knn(ckpt, [], k=5, out=tmp_path / "knn.json")
     assert 0.0 <= res["top1"] <= 100.0 and res["top5"] >= res["top1"]
     assert json.loads((tmp_path / "knn.json").read_text())["top1"] == res["top1"]
+
+
+def test_a_finetuned_classifier_exports_its_backbone_without_the_head(tmp_path):
+    """A fine-tuning checkpoint holds the classifier's head: export (and evaluation) read the backbone without it."""
+    from sslkit.tasks import run_finetune
+
+    cfg = compose(["model=sslkit_pvt_test", "method.num_classes=8", "method.view.size=64", *FAST,
+                   "data.num_samples=80"], config_name="finetune")
+    run_finetune(cfg, tmp_path / "ft")
+    out = export(tmp_path / "ft" / "checkpoints" / "last.pt", tmp_path / "exp")
+    m = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert m.num_classes == 0 and not any(k.startswith("head.") for k in load_file(str(out / "model.safetensors")))
+    res = eval_knn(tmp_path / "ft" / "checkpoints" / "last.pt", [])
+    assert 0.0 <= res["top1"] <= 100.0

@@ -33,7 +33,8 @@ EVAL_USAGE = (
     "[lrs=[0.001,0.01,0.1]] [batch_size=256] [wd=0] [seed=0] [out=r.json]\n"
     "       sslkit-eval knn|linear --help   (every key and its default)"
 )
-EXPORT_USAGE = "usage: sslkit-export checkpoint=<run>/checkpoints/last.pt [out=<dir>]   (--help: every key)"
+EXPORT_USAGE = ("usage: sslkit-export checkpoint=<run>/checkpoints/last.pt [out=<dir>] [model=<sslkit model>, for a "
+                "foreign checkpoint]   (--help: every key)")
 
 
 def _fail(e: SSLKitError) -> None:
@@ -159,7 +160,7 @@ def eval_main(argv: Optional[list[str]] = None) -> None:
 
 def _export(cfg: DictConfig) -> None:
     ckpt = Path(_need_checkpoint(cfg, "sslkit-export", EXPORT_USAGE))
-    export(ckpt, cfg.out or ckpt.parent.parent / "export")
+    export(ckpt, cfg.out or ckpt.parent.parent / "export", model=cfg.model)
 
 
 def export_main(argv: Optional[list[str]] = None) -> None:

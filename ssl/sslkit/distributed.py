@@ -214,11 +214,20 @@ class Dist:
                     u.set_requires_gradient_sync(True, recurse=False)
 
     def clip_grad_norm(self, method: nn.Module, max_norm: float) -> float:
-        """Clip the (already synchronized) gradients to ``max_norm``; returns the global norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.grad is not None], max_norm)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-            norm = norm.full_tensor()
-        return float(norm)
+        """Clip the (already synchronized) gradients to ``max_norm``, each of the method's ``clip_groups()``
+        on its own (DINOv2: backbone and heads separately, as the reference) or all parameters together;
+        returns the global norm before clipping (the root of the groups' squared norms)."""
+        groups = getattr(method, "clip_groups", lambda: None)() or [list(method.parameters())]
+        total = 0.0
+        for group in groups:
+            params = [p for p in group if p.grad is not None]
+            if not params:
+                continue
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+                norm = norm.full_tensor()
+            total += float(norm) ** 2
+        return total ** 0.5
 
     # ------------------------------------------------------------------------------------- metrics
     def mean(self, terms: dict[str, float]) -> dict[str, float]:

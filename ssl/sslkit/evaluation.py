@@ -422,9 +422,9 @@ def eval_features(checkpoint: str | Path, data_cfg: Optional[DictConfig] = None,
             raise ConfigError(f"{checkpoint} ({pre.source}) carries no data config: give the data to evaluate on, "
                               f"e.g. data=image_folder data.path=/path/to/images")
         data_cfg = OmegaConf.create(pre.ckpt["config"]["data"])
-    if img_size is None:
-        img_size = int(pre.ckpt["config"]["method"]["view"]["size"]) if pre.ckpt else \
-            int(net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    if img_size is None:  # the run's view size; else the size the weights were made for; else the model's default
+        img_size = int(pre.ckpt["config"]["method"]["view"]["size"]) if pre.ckpt else int(
+            pre.kwargs.get("img_size") or net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     feats, classes = split_features({"model": lambda x: embed(net, x)}, data_cfg, int(img_size))
     return EvalFeatures(*feats["model"], classes, pre, OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True))
 

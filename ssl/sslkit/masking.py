@@ -172,7 +172,9 @@ class BlockMasking:
     count, and building stops when the target is reached or a rectangle fails all 10 attempts. So the
     masked count never exceeds the target but may end slightly below it (typically when the few
     patches still missing cannot be covered by a rectangle that fits around the existing mask).
-    Unlike BEiT, a rectangle may span the whole grid height or width.
+    As in BEiT / DINOv2, a rectangle is strictly smaller than the grid in both directions (h < gh, w < gw):
+    with full-span rectangles allowed, border patches were masked ~1.4% more often than by the reference
+    (docs/parity.md).
 
     All randomness comes from the ``torch.Generator`` passed to ``__call__``.
 
@@ -250,7 +252,7 @@ class BlockMasking:
                 aspect = math.exp(rng.uniform(*self._log_aspect))
                 h = int(round(math.sqrt(area * aspect)))
                 w = int(round(math.sqrt(area / aspect)))
-                if not (1 <= h <= gh and 1 <= w <= gw):
+                if not (1 <= h < gh and 1 <= w < gw):  # strictly inside the grid, as the reference
                     continue
                 top, left = rng.randint(0, gh - h), rng.randint(0, gw - w)
                 block = mask[top : top + h, left : left + w]  # (h, w) view

@@ -394,7 +394,9 @@ class EvalLinearConfig:
 
 @dataclass
 class ExportConfig:
-    """``sslkit-export``: the backbone of a checkpoint as ``backbone.safetensors`` + ``backbone.json``."""
+    """``sslkit-export``: the backbone of a checkpoint in timm's Hugging Face Hub layout (``config.json`` +
+    ``model.safetensors``; ``timm.create_model("local-dir:<out>", pretrained=True)`` loads it)."""
 
     checkpoint: str = MISSING
     out: Optional[str] = None  # default: <run dir>/export
+    model: Optional[str] = None  # the sslkit model to build, for a foreign checkpoint (e.g. sslkit_pvt_small)

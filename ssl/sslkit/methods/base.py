@@ -17,6 +17,7 @@ Contract (checked for every registered method by ``tests/test_method_contract.py
   method hyper-parameters), after optimizer step ``step - 1`` (``step`` = steps done = the index of
   the next step). It must not change trainable parameters; it returns scalars to log.
 - ``masking()`` returns the mask generator that the data collate calls (in the workers), or None.
+- ``clip_groups()``: parameter groups that gradient clipping treats separately (default: one group).
 - ``backbone`` is the trained encoder (the optimizer groups it for layer-wise lr decay);
   ``backbone_prefix`` names the state-dict prefix of the encoder that export / evaluation /
   fine-tuning read (``"backbone."``; DINOv2: the teacher's, ``"teacher.backbone."``).
@@ -111,6 +112,10 @@ class Method(nn.Module):
 
     def after_step(self, step: int) -> dict[str, float]:
         return {}
+
+    def clip_groups(self) -> Optional[list[list[nn.Parameter]]]:
+        """Parameter groups that ``optim.clip_grad`` clips each on its own; None: all together."""
+        return None
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -191,6 +191,10 @@ class DINOv2(Method):
         """Submodules whose gradients FSDP reduces in fp32 whatever the precision (distributed.shard)."""
         return tuple(f"student.{k}" for k in ("dino_head", "ibot_head") if k in self.student)
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """The reference clips each student part (backbone, DINO head, iBOT head) to ``optim.clip_grad`` on its own."""
+        return [list(m.parameters()) for m in self.student.values()]
+
     def train(self, mode: bool = True) -> "DINOv2":
         super().train(mode)
         self.teacher.eval()  # the teacher always runs in eval mode (no stochastic depth)

@@ -143,11 +143,18 @@ def load_pretrained(path: str | Path, model: Optional[str] = None, kwargs: Optio
             res = _convert_foreign(obj, path, model, dict(kwargs or {}))
     if model is not None and res.model_name != model:
         raise CheckpointError(f"{path} holds a {res.model_name} encoder but model={model}: use model={res.model_name}")
-    res.kwargs.pop("num_classes", None)
+    if res.kwargs.pop("num_classes", 0):  # a classifier's checkpoint: the backbone is everything but its head
+        res.state_dict = _without_classifier(res.state_dict, res.model_name)
     if for_finetune and res.kwargs.get("um_pretrain"):
         res.state_dict = convert_um_pretrain_to_finetune(res.model_name, res.state_dict)
         res.kwargs["um_pretrain"] = False
     return res
+
+
+def _without_classifier(sd: StateDict, model_name: str) -> StateDict:
+    """``sd`` without the model's classifier (timm's ``pretrained_cfg['classifier']``, e.g. ``head`` / ``fc``)."""
+    classifier = timm.models.get_pretrained_cfg(model_name).classifier or "head" if timm.is_model(model_name) else "head"
+    return {k: v for k, v in sd.items() if not k.startswith(f"{classifier}.")}
 
 
 def _convert_foreign(obj: Any, path: Path, model: Optional[str], kwargs: dict[str, Any]) -> Pretrained:
