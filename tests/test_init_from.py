@@ -98,3 +98,21 @@ def test_the_summary_baseline_stays_at_random_init(tmp_path):
     a, b = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("cont", "plain")]
     assert a["knn_top1_random_init"] == b["knn_top1_random_init"]  # the same random init in both runs
     assert a["heldout_loss_random_init"] == b["heldout_loss_random_init"]
+
+
+def test_dinov2_init_from_the_reference_hub_backbone(tmp_path):
+    """Continued DINOv2 pretraining from a DINOv2 hub-layout backbone (the tiny reference file of tests/fixtures:
+    patch 14, LayerScale, dim 8): the model kwargs that fit, crops multiples of 14; then it trains."""
+    from sslkit.pretrained import load_pretrained
+
+    path = FIXTURES / "dinov2_ckpt_hub.pth"
+    ov = ["experiment=dinov2_demo", *FAST, "++model.kwargs.patch_size=14", "++model.kwargs.embed_dim=8",
+          "++model.kwargs.num_heads=2", "++model.kwargs.init_values=1e-5", "method.view.size=28",
+          "method.view.local_size=14", "method.mask_min_patches=1", f"method.init_from={path}", "trainer.max_steps=2"]
+    m = build_method(compose(ov))
+    ref = load_pretrained(path, "sslkit_vit_test", {"embed_dim": 8, "num_heads": 2, "img_size": 28}).state_dict
+    for net in (m.student["backbone"], m.teacher["backbone"]):
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, ref[k]), k
+    run_pretrain(compose(ov), tmp_path / "cont")
+    assert ck.load(tmp_path / "cont" / "checkpoints" / "last.pt")["step"] == 2

@@ -27,11 +27,13 @@ The converters return the create kwargs the weights need: ``patch_size`` (from `
 (when the checkpoint has none) and ``img_size``. Width, depth and heads come from the model the user names
 (``model=sslkit_vit_small`` ...) and are checked by ``check_load`` (shape mismatches named).
 
-``img_size`` and position embeddings: with a caller ``img_size`` (fine-tuning passes the crop size) the patch
-positions are resampled once at load time to that grid; without one the model keeps the checkpoint's own
-grid (518 px for the released backbones) and resamples at forward time for other input sizes. Both use the
-ViT's rule (bicubic from the patch grid, size-based, ``align_corners=False``, antialias off). The reference
-does NOT use that rule, and its rule is not in the weights but in how the model is built:
+``img_size`` and position embeddings: with a caller ``img_size`` (fine-tuning and evaluation pass the crop
+size) the patch positions are resampled once at load time to that grid **by the source model's own rule**
+(``resample_like_source``), so at that size sslkit's model computes what the source model computes; without
+one the model keeps the checkpoint's own grid (518 px for the released backbones). At forward time, for
+other input sizes, the sslkit ViT resamples by its one rule (bicubic from the patch grid, size-based,
+``align_corners=False``, antialias off). The source rules are not in the weights but in how the models are
+built:
 
 - ``DinoVisionTransformer.interpolate_pos_encoding`` with ``interpolate_offset=0.1`` (hub backbones without
   registers, training default): bicubic with ``scale_factor=(g + 0.1) / M`` instead of the output size, so
@@ -40,10 +42,9 @@ does NOT use that rule, and its rule is not in the weights but in how the model 
   antialiased (PyTorch's antialiased bicubic also uses the a = -0.5 kernel, not -0.75, even when upsampling);
 - timm with ``dynamic_img_size=True``: ``resample_abs_pos_embed`` with antialias on.
 
-At the checkpoint's own grid there is no interpolation anywhere and the outputs agree to float rounding;
-at other sizes the position embeddings (and so the features) differ slightly. We keep our rule (one rule
-for every sslkit ViT, training and fine-tuning included); ``tests/test_pretrained_dinov2.py`` measures the
-difference and shows it is only the rule.
+At the checkpoint's own grid and at the loaded ``img_size`` the outputs agree to float rounding; at other
+sizes (forward-time resampling) they differ slightly (measured up to ~0.04 on LayerNormed tokens, only
+from the rule): ``tests/test_pretrained_dinov2.py``.
 
 The DINOv2 ViT against sslkit's, each difference handled or refused:
 
@@ -58,7 +59,7 @@ patch 14                       any ``patch_size``                  ``patch_size`
 SwiGLU FFN (ViT-g: w12, w3)    GELU MLP only (fc1, fc2)            refused (CheckpointError)
 LayerNorm eps 1e-6             1e-6                                same
 ``mask_token`` ``(1, C)``      ``(1, C)``                          copied (checked); timm: zeros
-pos. interpolation             bicubic, size-based, no antialias   ours kept (see above)
+pos. interpolation             bicubic, size-based, no antialias   the source's rule at load (see above)
 =============================  ==================================  ======================================
 """
 
@@ -73,7 +74,7 @@ import torch
 from torch import Tensor
 
 from sslkit.errors import CheckpointError
-from sslkit.models.vit import _resize_grid, checkpoint_filter_fn
+from sslkit.models.vit import checkpoint_filter_fn
 from sslkit.pretrained.layouts import Layout, StateDict, register_layout
 
 FAMILIES = ("sslkit_vit_",)
@@ -171,15 +172,31 @@ def _arch_kwarg(kwargs: dict[str, Any], key: str, value: Any, what: str, why: st
     return value
 
 
+def resample_like_source(pe: Tensor, old: tuple[int, int], new: tuple[int, int], offset: float,
+                         antialias: bool) -> Tensor:
+    """``(1, h0*w0, C) -> (1, h*w, C)`` patch positions resampled by the rule the checkpoint's own model uses
+    (bicubic; with ``offset`` by ``scale_factor = (new + offset) / old`` as DINOv2's
+    ``interpolate_pos_encoding``, else by size; antialiased or not), so that at the loaded size sslkit's
+    positions are the source model's."""
+    c = pe.shape[-1]
+    grid = pe.reshape(1, old[0], old[1], c).permute(0, 3, 1, 2).float()  # (1, C, h0, w0)
+    kw: dict[str, Any] = ({"scale_factor": ((new[0] + offset) / old[0], (new[1] + offset) / old[1])} if offset
+                          else {"size": new})
+    grid = torch.nn.functional.interpolate(grid, mode="bicubic", antialias=antialias, align_corners=False, **kw)
+    assert tuple(grid.shape[-2:]) == new, (grid.shape, new)
+    return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], c).to(pe.dtype)
+
+
 def _vit_state(sd: Mapping[str, Tensor], kwargs: dict[str, Any], what: str, *, registers: str,
-               pos_layouts: Optional[tuple[str, ...]] = None, ignore: tuple[str, ...] = ()
-               ) -> tuple[StateDict, dict[str, Any]]:
+               pos_layouts: Optional[tuple[str, ...]] = None, ignore: tuple[str, ...] = (),
+               rule: tuple[float, bool] = (0.0, True)) -> tuple[StateDict, dict[str, Any]]:
     """The shared part: validate a (plain-numbered) ViT state dict in timm / DINOv2 names, rename the registers
     to ``reg_token``, normalize the position layout (``checkpoint_filter_fn``), resample to the caller's
     ``img_size``, and work out the create kwargs. ``registers``: the register key of the layout;
     ``pos_layouts``: the ``pos_embed`` layouts it may have, tried in order (``"1+N"``: ours / DINOv2's, ``"N"``:
     timm ``no_embed_class``, ``"1+R+N"``: timm with register positions; default: timm's preference);
-    ``ignore``: key prefixes expected and dropped."""
+    ``ignore``: key prefixes expected and dropped; ``rule``: the source model's position-interpolation rule
+    (``(offset, antialias)``, see ``resample_like_source``), used when resampling to ``img_size`` at load."""
     if _has_swiglu(sd):
         raise _fail(what, f"its blocks use a SwiGLU FFN ({sorted(k for k in sd if _SWIGLU.match(k))[:4]} ...): "
                           f"{_SWIGLU_WHY}")
@@ -279,9 +296,9 @@ def _vit_state(sd: Mapping[str, Tensor], kwargs: dict[str, Any], what: str, *, r
             raise _fail(what, f"img_size={kwargs['img_size']} is not a multiple of the checkpoint's patch size {p} "
                               f"(e.g. {p * (size[0] // p)} or {p * (size[0] // p + 1)})")
         new = (size[0] // p, size[1] // p)
-        if new != (g, g):  # the ViT's own rule (bicubic, antialias off); see the module docstring
+        if new != (g, g):  # the source model's rule: at this size the positions are the source's
             pe = out["pos_embed"]
-            out["pos_embed"] = torch.cat([pe[:, :1], _resize_grid(pe[:, 1:], (g, g), new)], dim=1)
+            out["pos_embed"] = torch.cat([pe[:, :1], resample_like_source(pe[:, 1:], (g, g), new, *rule)], dim=1)
         need["img_size"] = kwargs["img_size"]
     else:
         need["img_size"] = g * p  # the checkpoint's own grid (518 px for the released backbones)
@@ -304,7 +321,10 @@ def convert_backbone(sd: Mapping[str, Tensor], model_name: str, kwargs: dict[str
     if "reg_token" in sd:
         raise _fail(what, "has timm's reg_token next to DINOv2's keys (register_tokens, chunked blocks or a 2-d "
                           "mask_token): not one layout")
-    return _vit_state(_unchunk(sd, what), kwargs, what, registers="register_tokens", pos_layouts=("1+N",))
+    # DINOv2's hub models: offset 0.1, no antialias; its *_reg models: offset 0, antialias (hubconf.py)
+    rule = (0.0, True) if "register_tokens" in sd else (0.1, False)
+    return _vit_state(_unchunk(sd, what), kwargs, what, registers="register_tokens", pos_layouts=("1+N",),
+                      rule=rule)
 
 
 # ------------------------------------------------------------------------------- dinov2_train
@@ -334,7 +354,10 @@ def convert_train(sd: Mapping[str, Tensor], model_name: str,
         raise _fail("DINOv2 training checkpoint", f"keys that are neither a backbone (teacher.backbone.*, "
                                                   f"student.backbone.*, backbone.*) nor a head (dino_head, ibot_head), "
                                                   f"not converted: {unknown}")
-    return convert_backbone(groups[prefix], model_name, kwargs, what=f"DINOv2 training checkpoint ({prefix}*)")
+    what = f"DINOv2 training checkpoint ({prefix}*)"
+    # the training config's interpolation: offset 0.1, no antialias (ssl_default_config.yaml), registers or not
+    return _vit_state(_unchunk(groups[prefix], what), kwargs, what, registers="register_tokens", pos_layouts=("1+N",),
+                      rule=(0.1, False))
 
 
 # ---------------------------------------------------------------------------------- timm_vit
@@ -349,7 +372,9 @@ def detect_timm(sd: Mapping[str, Tensor]) -> bool:
 
 def convert_timm(sd: Mapping[str, Tensor], model_name: str,
                  kwargs: dict[str, Any]) -> tuple[StateDict, dict[str, Any]]:
-    return _vit_state(sd, kwargs, "timm VisionTransformer state dict", registers="reg_token", ignore=("head.",))
+    # timm resamples loaded position tables with resample_abs_pos_embed: bicubic by size, antialiased
+    return _vit_state(sd, kwargs, "timm VisionTransformer state dict", registers="reg_token", ignore=("head.",),
+                      rule=(0.0, True))
 
 
 register_layout(Layout(
