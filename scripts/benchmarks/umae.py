@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,27 +28,12 @@ MODELS = {"pvt_small": "pvt_small", "swin_tiny": "swin_tiny"}
 
 
 def _official_shims() -> None:
-    """Let the 2022 official code run under timm 1.0 / NumPy 2 (benchmark only): its ViT decoder blocks
-    pass ``qk_scale`` (gone from timm), two files import ``turtle`` by accident, it uses ``np.float``."""
-    import types
+    """The parity script's shims that let the 2022 official code run under timm 1.0 / NumPy 2 (one copy:
+    scripts/parity/umae_fixtures.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
+    from umae_fixtures import _shims
 
-    import timm.models.vision_transformer as vt
-
-    if not getattr(vt.Block, "_sslkit_shim", False):
-        base = vt.Block
-
-        class Block(base):  # type: ignore[misc, valid-type]
-            _sslkit_shim = True
-
-            def __init__(self, *a: Any, qk_scale: Any = None, **kw: Any) -> None:
-                super().__init__(*a, **kw)
-
-        vt.Block = Block
-    sys.modules.setdefault("turtle", types.SimpleNamespace(pos=None))  # type: ignore[arg-type]
-    import numpy as np
-
-    if not hasattr(np, "float"):  # removed in NumPy 1.24; used by its pos_embed helper
-        np.float = float  # type: ignore[attr-defined]
+    _shims()
 
 
 def _official_method(repo: str, model: str, variant: str) -> tuple[torch.nn.Module, Any]:
