@@ -108,27 +108,68 @@ def _submitit_tasks(sweep: Path) -> dict[int, int]:
     return out
 
 
+# Loaded by every Python process of the sweep (PYTHONPATH): after point 0 logs step 2, its training process
+# waits until the test has sent the preemption signal (the file SSLKIT_TEST_HOLD exists), so the signal
+# always lands mid-run, whatever the machine's speed. A resumed point 0 (from step 2) never waits.
+_HOLD = """
+import importlib.abc, importlib.machinery, os, sys, time
+
+class _Hold(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "sslkit.runlog":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        exec_module = spec.loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+            log = module.RunLogger.log
+
+            def held(self, step, metrics):
+                log(self, step, metrics)
+                if step == 2 and self.run_dir.name == "0_umae_demo":
+                    deadline = time.monotonic() + 300
+                    while not os.path.exists(os.environ["SSLKIT_TEST_HOLD"]) and time.monotonic() < deadline:
+                        time.sleep(0.01)
+
+            module.RunLogger.log = held
+
+        spec.loader.exec_module = patched
+        return spec
+
+if os.environ.get("SSLKIT_TEST_HOLD"):
+    sys.meta_path.insert(0, _Hold())
+"""
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the job processes through /proc")
 def test_local_sweep_preempted_points_are_requeued_and_resume(tmp_path):
     """``sslkit-pretrain -m hydra/launcher=local trainer.ckpt_every=500,1000``: submitit runs each point as
-    its own process. Point 0 gets submitit's preemption signal mid-run: sslkit checkpoints after the step,
-    hands over to submitit's handler, which requeues the job; the new process resumes in the same point
-    dir. Every point ends with its resolved config, complete metrics and a checkpoint at the last step,
-    and the preempted point's final parameters equal the uninterrupted point's bit for bit (ckpt_every
-    beyond max_steps changes nothing else)."""
+    its own process. Point 0 gets submitit's preemption signal mid-run (it waits after step 2 until the
+    signal is sent: see _HOLD): sslkit checkpoints after the step, hands over to submitit's handler, which
+    requeues the job; the new process resumes in the same point dir. Every point ends with its resolved
+    config, complete metrics and a checkpoint at the last step, and the preempted point's final parameters
+    equal the uninterrupted point's bit for bit (ckpt_every beyond max_steps changes nothing else)."""
     steps, sweep = 12, tmp_path / "sweep"
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(_HOLD)
+    go = tmp_path / "signal_sent"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")]),
+           "SSLKIT_TEST_HOLD": str(go)}
     cmd = [sys.executable, str(PRETRAIN), "-m", "hydra/launcher=local", *TINY, f"trainer.max_steps={steps}",
            "trainer.log_every=1", "optim.warmup_steps=2", "trainer.ckpt_every=500,1000", f"hydra.sweep.dir={sweep}"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     signalled: set[int] = set()
     sig = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
     try:
         while p.poll() is None and not signalled:
             for num, pid in _submitit_tasks(sweep).items():
                 m = sweep / f"{num}_umae_demo" / "metrics.jsonl"
-                if num == 0 and m.is_file() and len(m.read_text().splitlines()) >= 2:
+                if num == 0 and m.is_file() and len(m.read_text().splitlines()) >= 2:  # waiting in step 2
                     os.kill(pid, sig)
                     signalled.add(num)
+                    go.touch()  # the signal is pending: let it finish the step
             time.sleep(0.05)
         out, err = p.communicate(timeout=600)
     finally:
