@@ -118,7 +118,7 @@ def test_cli_holds_entry_points_only():
     tree = ast.parse(src)
     assert not [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
     public = sorted(n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_"))
-    assert public == ["check_keys", "eval_main", "export_main", "finetune_main", "pretrain_main"]
+    assert public == ["check_keys", "eval_main", "export_main", "finetune_main", "pretrain_main", "visualize_main"]
 
 
 def test_the_loop_reads_at_once():

@@ -4,6 +4,7 @@
     sslkit-finetune checkpoint=<ckpt> [...]      configs/finetune.yaml     -> tasks.run_finetune
     sslkit-eval knn|linear checkpoint=<ckpt> [...]  configs/eval_{knn,linear}.yaml -> evaluation.eval_*
     sslkit-export checkpoint=<ckpt> [out=<dir>]  configs/export.yaml       -> export.export
+    sslkit-visualize checkpoint=<ckpt> [out=<dir>]  configs/visualize.yaml -> tasks.visualize_checkpoint
 
 ``--help`` on any of them lists every key with its default. Errors a user can cause (config, data,
 checkpoint) print ``[sslkit] error: ...`` with the fix and exit 2; a preempted run exits 128 + signum
@@ -23,8 +24,8 @@ from sslkit.errors import ConfigError, SSLKitError
 from sslkit.evaluation import eval_knn, eval_linear
 from sslkit.export import export
 from sslkit.preemption import Preempted
-from sslkit.schemas import EvalKNNConfig, EvalLinearConfig, ExportConfig
-from sslkit.tasks import run_finetune, run_pretrain
+from sslkit.schemas import EvalKNNConfig, EvalLinearConfig, ExportConfig, VisualizeConfig
+from sslkit.tasks import run_finetune, run_pretrain, visualize_checkpoint
 
 EVAL_USAGE = (
     "usage: sslkit-eval knn checkpoint=<ckpt> [model=<sslkit model>] [data=<group> data.path=...] [k=20] [t=0.07] "
@@ -35,6 +36,8 @@ EVAL_USAGE = (
 )
 EXPORT_USAGE = ("usage: sslkit-export checkpoint=<run>/checkpoints/last.pt [out=<dir>] [model=<sslkit model>, for a "
                 "foreign checkpoint]   (--help: every key)")
+VISUALIZE_USAGE = ("usage: sslkit-visualize checkpoint=<run>/checkpoints/last.pt [out=<dir>] [n=4] [data=<group> "
+                   "data.path=...] [threshold=0.5]   (--help: every key)")
 
 
 def _fail(e: SSLKitError) -> None:
@@ -77,6 +80,10 @@ def _hydra_eval_linear(cfg: DictConfig) -> None:
 
 def _hydra_export(cfg: DictConfig) -> None:
     _guarded(lambda: _export(validate(cfg)))
+
+
+def _hydra_visualize(cfg: DictConfig) -> None:
+    _guarded(lambda: _visualize(validate(cfg)))
 
 
 def _hydra_app(config_name: str, task: Callable[[DictConfig], None], argv: Optional[list[str]], prog: str) -> None:
@@ -170,3 +177,17 @@ def export_main(argv: Optional[list[str]] = None) -> None:
     except SSLKitError as e:
         _fail(e)
     _hydra_app("export", _hydra_export, rest, "sslkit-export")
+
+
+def _visualize(cfg: DictConfig) -> None:
+    visualize_checkpoint(_need_checkpoint(cfg, "sslkit-visualize", VISUALIZE_USAGE), cfg.out, int(cfg.n), cfg.data,
+                         cfg.threshold, int(cfg.seed))
+
+
+def visualize_main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rest = check_keys(argv, VisualizeConfig, "sslkit-visualize", VISUALIZE_USAGE)
+    except SSLKitError as e:
+        _fail(e)
+    _hydra_app("visualize", _hydra_visualize, rest, "sslkit-visualize")

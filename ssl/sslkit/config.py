@@ -24,14 +24,15 @@ from sslkit.errors import ConfigError
 from sslkit.methods import METHODS
 from sslkit.schemas import (DataConfig, EvalKNNConfig, EvalLinearConfig, ExportConfig, FinetuneConfig, LoggerConfig,
                             MethodConfig, ModelConfig, MultiCropViewConfig, OptimConfig, PretrainConfig, TrainerConfig,
-                            ViewConfig, WandbConfig, validate)
+                            ViewConfig, VisualizeConfig, WandbConfig, validate)
 
 __all__ = ["ComposeError", "DataConfig", "Derived", "LoggerConfig", "MethodConfig", "ModelConfig", "MultiCropViewConfig",
            "OptimConfig", "TrainerConfig", "ViewConfig", "WandbConfig", "compose", "config_dir", "derive",
            "register_configs", "to_plain", "validate"]
 
 PRIMARY = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval_knn": EvalKNNConfig,
-           "eval_linear": EvalLinearConfig, "export": ExportConfig}  # config name -> schema (configs/<name>.yaml)
+           "eval_linear": EvalLinearConfig, "export": ExportConfig,
+           "visualize": VisualizeConfig}  # config name -> schema (configs/<name>.yaml)
 
 
 # ${sslkit.or:a,b}: a unless it is null, else b (e.g. sweep subdirs: the experiment's name, else the method's).

@@ -1,9 +1,9 @@
 """The training loop: method-agnostic, one screen long (``train``), and its assembly (``build_run``).
 
 ``build_run(cfg, run_dir)`` puts a run together: runtime and process group, method, data source and
-loader, derived lengths, optimizer, scaler, schedule, logger, online kNN, and the state of the newest
-checkpoint when resuming. ``train`` is the loop: schedules(step) -> forward under autocast ->
-backward (accumulate) -> clip -> optimizer step -> method.after_step -> log -> checkpoint.
+loader, derived lengths, optimizer, scaler, schedule, logger, online kNN, pictures, and the state of the
+newest checkpoint when resuming. ``train`` is the loop: schedules(step) -> forward under autocast ->
+backward (accumulate) -> clip -> optimizer step -> method.after_step -> log -> pictures -> checkpoint.
 Everything method-specific is behind ``Method``, everything multi-process behind ``Dist``.
 """
 
@@ -25,12 +25,13 @@ from sslkit.config import Derived, derive, to_plain, validate
 from sslkit.data import PretrainLoader, build_pretrain_loader, build_source
 from sslkit.distributed import Dist
 from sslkit.errors import CheckpointError, ConfigError, TrainingError
-from sslkit.evaluation import OnlineKNN
+from sslkit.evaluation import OnlineKNN, eval_sources
 from sslkit.methods import Method, build_method
 from sslkit.optim import apply_schedule, build_optimizer
 from sslkit.preemption import PreemptionGuard, ranks_agree
 from sslkit.runlog import RunLogger
 from sslkit.schedules import OptimSchedule
+from sslkit.visualize import Pictures, first_images
 
 
 @dataclass
@@ -90,6 +91,20 @@ def check_finite(out: dict[str, torch.Tensor], step: int, agree: Optional[Callab
                         f"Lower optim.blr, set optim.clip_grad, or use trainer.precision=fp32/bf16")
 
 
+def picture_images(data_cfg: Any, size: int, n: int = 4) -> torch.Tensor:
+    """The fixed images of the pictures: ``n`` held-out images of the evaluation split's val part
+    (``eval_sources`` thinned to ``n``: evenly over the classes), in the eval view at ``size``: (n, 3, size, size)."""
+    return first_images(eval_sources(data_cfg, n, n)[1], data_cfg, size, n)
+
+
+def build_pictures(cfg: DictConfig, run_dir: Path, log: Optional[RunLogger] = None) -> Pictures:
+    """The pictures of a run (``trainer.visualize_every``; the end-of-run ones of ``tasks.run_pretrain``):
+    ``<run_dir>/pictures/step_<N>_<name>.png`` + ``curves.png``, logged through ``log`` when given."""
+    return Pictures(picture_images(cfg.data, int(cfg.method.view.size)), run_dir / "pictures",
+                    cfg.trainer.visualize_every, mean=cfg.data.mean, std=cfg.data.std, seed=int(cfg.trainer.seed),
+                    metrics_path=run_dir / "metrics.jsonl", log_images=log.log_images if log is not None else None)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -117,6 +132,7 @@ class Run:
     loader: PretrainLoader
     log: RunLogger
     online_knn: Optional[OnlineKNN]
+    pictures: Optional[Pictures]  # rank 0 only
     preempt: PreemptionGuard
     agree: Optional[Callable[[bool], bool]]  # flag -> any rank's flag (None in one process)
     config: dict[str, Any]  # the resolved plain config (saved in checkpoints and config.yaml)
@@ -201,12 +217,16 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
                     bool(tc.progress), is_main=dd.is_main)
     online_knn = (OnlineKNN(cfg.data, int(cfg.method.view.size), int(tc.knn_every), int(tc.knn_train_samples),
                             int(tc.knn_val_samples)) if tc.knn_every else None)
+    fsdp = str(tc.strategy) == "fsdp"  # FSDP gathers the shards in forward / features only (distributed.shard)
+    pictures = build_pictures(cfg, run_dir, log) if tc.visualize_every and dd.is_main and not fsdp else None
+    if tc.visualize_every and dd.is_main and fsdp:
+        print("[sslkit] trainer.visualize_every: no pictures during an FSDP run (only the end-of-run ones)")
     agree = ranks_agree(rt.device)
     preempt = PreemptionGuard(agree=agree).install()  # SIGTERM/USR1/USR2: stop after the step (before the workers fork)
     schedule = OptimSchedule(d.total_steps, d.lr, float(cfg.optim.min_lr), d.warmup_steps,
                              float(cfg.optim.weight_decay), cfg.optim.weight_decay_end)
     return Run(cfg, run_dir, rt, dd, method, torch.compile(fwd) if tc.compile else fwd, opt, scaler, schedule, d,
-               loader, log, online_knn, preempt, agree, plain, step)
+               loader, log, online_knn, pictures, preempt, agree, plain, step)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
@@ -247,6 +267,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                            max(dt, 1e-9), "epoch": step / run.derived.steps_per_epoch}  # rank mean; all ranks' images
                 run.log.log(step, metrics)  # metrics.jsonl, wandb, the progress bar's numbers
                 t0, imgs = time.perf_counter(), 0
+            if run.pictures:  # every trainer.visualize_every steps and at the end (forked RNG, eval mode restored)
+                run.pictures(step, method, final=step == run.stop)
             run.log.progress(step)
             if step % tc.ckpt_every == 0 or step == run.stop:
                 run.save("last.pt", metrics)

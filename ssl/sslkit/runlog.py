@@ -1,7 +1,8 @@
 """Run logging: progress bar, ``metrics.jsonl`` and wandb (offline by default).
 
 The loop calls ``log(step, metrics)`` on logging steps (a row in ``metrics.jsonl``, wandb, the bar's
-numbers) and ``progress(step)`` every step.
+numbers) and ``progress(step)`` every step; ``log_images(step, pictures)`` sends pictures to wandb (the PNG
+files in ``<run_dir>/pictures/`` are the record without it).
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ class RunLogger:
         if self.bar is not None:
             shown = {"loss": metrics.get("loss"), "lr": metrics.get("lr"), "img/s": metrics.get("images_per_s")}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+
+    def log_images(self, step: int, images: dict[str, Any]) -> None:
+        """Log pictures (``{name: PNG path or (H, W, 3) uint8 array}``) to wandb as ``pictures/<name>`` at ``step``."""
+        if not self.is_main or self.wandb_run is None or not images:
+            return
+        import wandb
+
+        self.wandb_run.log({f"pictures/{k}": wandb.Image(str(v) if isinstance(v, (str, Path)) else v)
+                            for k, v in images.items()}, step=step)
 
     def progress(self, step: int) -> None:
         """Advance the progress bar to ``step``."""

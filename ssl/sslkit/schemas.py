@@ -330,6 +330,7 @@ class TrainerConfig:
     knn_every: Optional[int] = positive(None)  # online kNN of the frozen encoder every N steps (logged); None = off
     knn_train_samples: int = positive(2000)  # the eval split's size for online kNN and the summary (even
     knn_val_samples: int = positive(500)  # stride per class, evaluation.eval_sources)
+    visualize_every: Optional[int] = positive(None)  # pictures (+ curves.png) in <run_dir>/pictures every N steps; None = off
 
 
 @dataclass
@@ -400,3 +401,16 @@ class ExportConfig:
     checkpoint: str = MISSING
     out: Optional[str] = None  # default: <run dir>/export
     model: Optional[str] = None  # the sslkit model to build, for a foreign checkpoint (e.g. sslkit_pvt_small)
+
+
+@dataclass
+class VisualizeConfig:
+    """``sslkit-visualize``: the method's pictures of a checkpoint (``Method.visualize``: UM-MAE / SimMIM
+    reconstructions, DINOv2 PCA and attention maps) on held-out images, and the run's ``curves.png``."""
+
+    checkpoint: str = MISSING  # an sslkit checkpoint (<run>/checkpoints/last.pt)
+    out: Optional[str] = None  # where the PNGs go; default: <run dir>/pictures
+    n: int = positive(4)  # images: the evaluation split's val part, evenly over classes (evaluation.eval_sources)
+    data: Optional[DataConfig] = None  # default: the checkpoint's own data config; or data=<group> data.path=...
+    threshold: Optional[float] = checked(None, between(0.0, 1.0))  # DINOv2: foreground PCA (first component > threshold)
+    seed: int = 0  # the masks (UM-MAE, SimMIM)

@@ -23,6 +23,11 @@ Contract (checked for every registered method by ``tests/test_method_contract.py
   fine-tuning read (``"backbone."``; DINOv2: the teacher's, ``"teacher.backbone."``).
 - ``model_config`` is what rebuilds ``backbone`` with ``timm.create_model`` (name + kwargs).
 - ``features(images) -> (B, C)``: frozen-encoder features for evaluation.
+- ``visualize(images, generator, mean, std, **options) -> {name: (H, W, 3) uint8}``: optional named
+  pictures of what the method does on normalized ``images`` (``mean`` / ``std``: the data's
+  normalization; ``generator``: draws the masks, as ``masking()`` does in training); called in eval
+  mode under ``no_grad`` (``sslkit.visualize.make_pictures``); methods ignore options they do not use.
+  Default: none. The helpers below (``to_unit_rgb``, ``to_uint8``, ``tile``, ``heatmap``) compose them.
 - Class attributes: ``name`` and ``config_class`` (its schema, whose ``name`` default equals
   ``name``), ``export_note`` (what ``sslkit-export`` says of the exported backbone) and
   ``test_overrides`` (config overrides that compose a tiny instance, for the contract tests).
@@ -31,8 +36,9 @@ Contract (checked for every registered method by ``tests/test_method_contract.py
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
+import numpy as np
 import timm
 import torch
 from omegaconf import OmegaConf
@@ -130,6 +136,12 @@ class Method(nn.Module):
         extra = masking(images.shape[0], generator) if masking is not None else {}
         return {"images": images, **{k: v.to(images.device) for k, v in extra.items()}}
 
+    def visualize(self, images: torch.Tensor, generator: torch.Generator, mean: Sequence[float],
+                  std: Sequence[float], **options: Any) -> dict[str, np.ndarray]:
+        """Named RGB pictures ``{name: (H, W, 3) uint8}`` of what the method does on ``images`` ((B, 3, H, W),
+        normalized with ``mean`` / ``std``); masks drawn with ``generator`` through ``masking()``. Default: none."""
+        return {}
+
 
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Pooled pre-logit features of a timm backbone: (B, 3, H, W) -> (B, C)."""
@@ -163,3 +175,49 @@ def build_method(cfg: Any) -> Method:
     if name not in METHODS:
         raise ConfigError(f"method.name={name!r} is unknown; registered methods: {sorted(METHODS)}")
     return METHODS[name](cfg.method, cfg.model)
+
+
+# ----------------------------------------------------------------------------------------- pictures
+GREY = 0.5  # a removed unit in the pictures
+GAP = 2  # white pixels between the panels of a picture
+
+
+def to_unit_rgb(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalized ``(B, 3, H, W)`` -> ``(B, H, W, 3)`` float32 in [0, 1] on the CPU (``x * std + mean``, clamped)."""
+    m = torch.as_tensor([float(v) for v in mean], dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.as_tensor([float(v) for v in std], dtype=torch.float32).view(1, 3, 1, 1)
+    return (images.detach().float().cpu() * s + m).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``(..., 3)`` floats in [0, 1] -> uint8 (rounded) numpy."""
+    return (x.detach().float().cpu().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()
+
+
+def tile(rows: Sequence[Sequence[np.ndarray]], gap: int = GAP, fill: int = 255) -> np.ndarray:
+    """Panels ``(h, w, 3)`` uint8, row by row, into one ``(H, W, 3)`` uint8 picture (``gap`` px of ``fill``
+    between them; a column is as wide as its widest panel, a row as high as its highest)."""
+    ncol = max(len(r) for r in rows)
+    hs = [max(p.shape[0] for p in r) for r in rows]
+    ws = [max(r[j].shape[1] for r in rows if j < len(r)) for j in range(ncol)]
+    out = np.full((sum(hs) + gap * (len(rows) - 1), sum(ws) + gap * (ncol - 1), 3), fill, dtype=np.uint8)
+    y = 0
+    for r, h in zip(rows, hs):
+        x = 0
+        for p, w in zip(r, ws):
+            out[y:y + p.shape[0], x:x + p.shape[1]] = p
+            x += w + gap
+        y += h + gap
+    return out
+
+
+_HEAT = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]) / 255.0  # inferno
+
+
+def heatmap(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] ``(...)`` -> colours ``(..., 3)`` in [0, 1] (an inferno-like map: black -> purple ->
+    red -> orange -> light yellow)."""
+    t = x.detach().float().cpu().clamp(0.0, 1.0) * (len(_HEAT) - 1)
+    lo = t.floor().long().clamp(max=len(_HEAT) - 2)
+    frac = (t - lo).unsqueeze(-1)
+    return _HEAT[lo] * (1 - frac) + _HEAT[lo + 1] * frac

@@ -24,8 +24,9 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -36,7 +37,8 @@ from omegaconf import DictConfig
 from sslkit.errors import ConfigError
 from sslkit.masking import BlockMasking
 from sslkit.methods import dino_losses as L
-from sslkit.methods.base import Method, create_backbone, embed, init_backbone, register_method
+from sslkit.methods.base import (Method, create_backbone, embed, heatmap, init_backbone, register_method, tile, to_uint8,
+                                 to_unit_rgb)
 from sslkit.methods.ema import ema_update, freeze
 from sslkit.schedules import cosine, linear
 from sslkit.schemas import (Choice, MethodConfig, MultiCropViewConfig, between, checked, ge, nonneg, ordered_pair, positive,
@@ -124,6 +126,36 @@ class DINOHead(nn.Module):
         v, g = (self.weight_v.detach(), self.weight_g.detach()) if freeze_last_layer else (self.weight_v, self.weight_g)
         w = g * v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (K, D)
         return z @ w.to(z.dtype).T  # (N, K)
+
+
+def _pca(x: Tensor, k: int) -> Tensor:
+    """Rows of ``x`` (n, C) on their first ``k`` principal components, each min-max scaled to [0, 1] over the
+    rows: (n, k) float64. Deterministic: each component's sign makes its largest-magnitude loading positive."""
+    xc = x - x.mean(dim=0, keepdim=True)
+    _, vecs = torch.linalg.eigh(xc.T @ xc)  # ascending eigenvalues
+    v = vecs[:, -min(k, x.shape[1]):].flip(-1)  # (C, k') largest first
+    sign = v.gather(0, v.abs().argmax(dim=0, keepdim=True)).sign()
+    p = xc @ (v * torch.where(sign == 0, 1.0, sign))  # (n, k')
+    p = (p - p.min(dim=0).values) / (p.max(dim=0).values - p.min(dim=0).values).clamp_min(1e-12)
+    return F.pad(p, (0, k - p.shape[1]))
+
+
+def pca_rgb(features: Tensor, threshold: Optional[float] = None) -> Tensor:
+    """Patch features ``(B, N, C)`` -> ``(B, N, 3)`` RGB in [0, 1]: the first three principal components of all
+    ``B * N`` patches together, each min-max scaled to [0, 1] (``_pca``: deterministic signs; fitted in float64).
+
+    ``threshold`` (DINOv2's foreground separation): patches whose first component (scaled to [0, 1]) is above
+    ``threshold`` are the foreground; the PCA is fitted again on the foreground patches only, the background
+    is black."""
+    B, N, C = features.shape
+    x = features.reshape(B * N, C).double()
+    fg = torch.ones(B * N, dtype=torch.bool, device=x.device)
+    if threshold is not None:
+        fg = _pca(x, 1)[:, 0] > float(threshold)
+    out = torch.zeros(B * N, 3, dtype=torch.float64, device=x.device)
+    if fg.any():
+        out[fg] = _pca(x[fg], 3)
+    return out.view(B, N, 3).float()
 
 
 @register_method
@@ -303,3 +335,33 @@ class DINOv2(Method):
 
     def heldout_batch(self, images: Tensor, generator: torch.Generator) -> Optional[dict[str, Tensor]]:
         return None  # the DINO loss needs multi-crop views; the summary reports kNN only
+
+    @torch.no_grad()
+    def visualize(self, images: Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float],
+                  threshold: Optional[float] = None, **options: Any) -> dict[str, np.ndarray]:
+        """Pictures of the teacher backbone (what evaluation reads) on ``images``, one row per image (no masks:
+        ``generator`` is unused):
+
+        - ``pca``: original | the first three PCA components of the patch features as RGB (``pca_rgb``, fitted
+          on all patches of ``images``) | with ``threshold``: the foreground PCA (background black);
+        - ``attention``: original | the last block's CLS attention over the patches, one panel per head
+          (``last_attention``; min-max per head, upsampled to the image size)."""
+        net = self.teacher["backbone"]
+        B, _, H, W = images.shape
+        p, npre = int(net.patch_size), int(net.num_prefix_tokens)
+        h, w = H // p, W // p
+
+        def up(x: Tensor) -> Tensor:  # (B, h*w, c) -> (B, H, W, c), nearest
+            return x.cpu().view(B, h, w, -1).repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)
+
+        orig = to_uint8(to_unit_rgb(images, mean, std))  # (B, H, W, 3)
+        feats = net.forward_features(images)[:, npre:]  # (B, N, C)
+        cols = [orig, to_uint8(up(pca_rgb(feats)))]
+        if threshold is not None:
+            cols.append(to_uint8(up(pca_rgb(feats, threshold))))
+        attn = net.last_attention(images)[:, :, npre:].float()  # (B, heads, N)
+        lo, hi = attn.min(dim=-1, keepdim=True).values, attn.max(dim=-1, keepdim=True).values
+        attn = ((attn - lo) / (hi - lo).clamp_min(1e-12)).transpose(1, 2)  # (B, N, heads) in [0, 1]
+        heads = to_uint8(heatmap(up(attn)))  # (B, H, W, heads, 3)
+        return {"pca": tile([[c[b] for c in cols] for b in range(B)]),
+                "attention": tile([[orig[b], *heads[b].transpose(2, 0, 1, 3)] for b in range(B)])}

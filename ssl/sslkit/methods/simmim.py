@@ -8,8 +8,9 @@ reconstructs the image; the loss is L1 on the masked pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -17,7 +18,7 @@ from torch import nn
 
 from sslkit.masking import RandomMasking
 from sslkit.methods.base import Method, create_backbone, init_backbone, register_method
-from sslkit.methods.umae import check_unit
+from sslkit.methods.umae import check_unit, mim_picture
 from sslkit.models.um import upsample_units
 from sslkit.schemas import MethodConfig, between, checked, positive
 
@@ -63,15 +64,29 @@ class SimMIM(Method):
         x = torch.where(hide, self.mask_token.to(x.dtype), x)
         return self.backbone.forward_tokens(x)  # (B, H/s, W/s, C)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images, masked = batch["images"], batch["masked"]
-        B, C, H, W = images.shape
+    def reconstruct(self, images: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) + (B, L) masked units -> the decoder's (B, 3, H, W) reconstruction (normalized pixels)."""
         z = self.forward_encoder(images, masked)  # (B, H/s, W/s, C)
         s = self.backbone.reduction
         rec = self.decoder(z).permute(0, 3, 1, 2)  # (B, s*s*3, H/s, W/s)
-        rec = F.pixel_shuffle(rec, s)  # (B, 3, H, W)
+        return F.pixel_shuffle(rec, s)  # (B, 3, H, W)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, masked = batch["images"], batch["masked"]
+        B, C, H, W = images.shape
+        rec = self.reconstruct(images, masked)  # (B, 3, H, W)
         pix_mask = masked.view(B, 1, self.grid[0], 1, self.grid[1], 1).expand(
             B, 1, self.grid[0], self.unit, self.grid[1], self.unit).reshape(B, 1, H, W).float()  # fp32: an exact count
         l1 = (rec.float() - images.float()).abs()
         loss = (l1 * pix_mask).sum() / (pix_mask.sum() + 1e-5) / C
         return {"loss": loss, "loss_rec": loss.detach()}
+
+    @torch.no_grad()
+    def visualize(self, images: torch.Tensor, generator: torch.Generator, mean: Sequence[float],
+                  std: Sequence[float], **options: Any) -> dict[str, np.ndarray]:
+        """``reconstruction`` (``umae.mim_picture``): original | kept units | reconstruction of the masked
+        units | reconstruction + kept units, with the masks of ``masking()`` (no secondary mask; the loss is on
+        the normalized pixels themselves, so the reconstruction needs no per-patch de-normalization)."""
+        masked = self.masking()(images.shape[0], generator)["masked"].to(images.device)
+        rec = self.reconstruct(images, masked).float()
+        return {"reconstruction": mim_picture(images, masked, rec, self.unit, self.grid, mean, std)}

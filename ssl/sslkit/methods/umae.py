@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
@@ -23,9 +24,10 @@ from torch import nn
 
 from sslkit.errors import ConfigError
 from sslkit.masking import UniformMasking, blocks_to_grid
-from sslkit.methods.base import Method, create_backbone, init_backbone, register_method
+from sslkit.methods.base import (GREY, Method, create_backbone, init_backbone, register_method, tile, to_uint8,
+                                 to_unit_rgb)
 from sslkit.models.pos_embed import grid_coords, sincos_2d
-from sslkit.models.um import gather_kept_units, patchify, um_positions, upsample_units
+from sslkit.models.um import gather_kept_units, patchify, um_positions, unpatchify, upsample_units
 from sslkit.schemas import MethodConfig, between, checked, positive
 
 
@@ -90,6 +92,31 @@ class DecoderBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, D)  # (B, n, D)
         x = x + self.proj(a)
         return x + self.mlp(self.norm2(x))
+
+
+HIDDEN_GREY = 0.2  # a kept unit hidden by the secondary mask, in the pictures
+
+
+def mim_picture(images: torch.Tensor, removed: torch.Tensor, prediction: torch.Tensor, unit: int,
+                grid: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                hidden: Optional[torch.Tensor] = None) -> np.ndarray:
+    """The masked-image-modelling picture (UM-MAE, SimMIM), one row per image: original | the kept units
+    (removed units grey) | [with ``hidden``: the kept units the secondary mask hides, dark grey] | the
+    prediction of the removed units (kept units grey) | the prediction with the kept units pasted back.
+
+    ``images`` and ``prediction``: (B, 3, H, W) normalized pixels (``prediction`` is read at the removed
+    units only); ``removed`` / ``hidden``: (B, gh*gw) unit flags on the unit grid. Returns (H', W', 3) uint8.
+    """
+    orig, pred = to_unit_rgb(images, mean, std), to_unit_rgb(prediction, mean, std)  # (B, H, W, 3) in [0, 1]
+    rm = upsample_units(removed.cpu(), grid, unit)  # (B, H, W, 1)
+    grey = torch.full_like(orig, GREY)
+    panels = [orig, torch.where(rm, grey, orig)]
+    if hidden is not None:
+        panels.append(torch.where(upsample_units(hidden.cpu(), grid, unit), torch.full_like(orig, HIDDEN_GREY),
+                                  panels[1]))
+    panels += [torch.where(rm, pred, grey), torch.where(rm, pred, orig)]
+    cols = [to_uint8(p) for p in panels]
+    return tile([[c[b] for c in cols] for b in range(orig.shape[0])])
 
 
 @register_method
@@ -184,3 +211,26 @@ class UMMAE(Method):
         pred = self.forward_decoder(z, keep_idx, masked_idx)
         loss = self.loss(images, pred, masked_idx)
         return {"loss": loss, "loss_rec": loss.detach()}
+
+    @torch.no_grad()
+    def visualize(self, images: torch.Tensor, generator: torch.Generator, mean: Sequence[float],
+                  std: Sequence[float], **options: Any) -> dict[str, np.ndarray]:
+        """``reconstruction`` (``mim_picture``): original | uniformly sampled kept units | after secondary
+        masking | predicted removed units | prediction + kept units, with the masks of ``masking()``. With
+        ``norm_pix_loss`` the decoder predicts each patch normalized by its own mean / variance: the
+        prediction is de-normalized with the target patch's mean and variance (as MAE's visualization)."""
+        B = images.shape[0]
+        m = {k: v.to(images.device) for k, v in self.masking()(B, generator).items()}
+        keep_offset, masked, sm_masked = m["keep_offset"], m["masked"], m["sm_masked"]
+        z = self.forward_encoder(images, keep_offset, sm_masked)
+        keep_idx = blocks_to_grid(keep_offset, self.grid)  # (B, nb)
+        masked_idx = masked.nonzero()[:, 1].view(B, -1)  # (B, 3nb), as forward
+        pred = self.forward_decoder(z, keep_idx, masked_idx).float()  # (B, 3nb, u*u*3)
+        patches = patchify(images.float(), self.unit)  # (B, L, u*u*3)
+        idx = masked_idx[..., None].expand(-1, -1, patches.shape[-1])
+        if self.norm_pix_loss:
+            target = patches.gather(1, idx)
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        prediction = unpatchify(patches.scatter(1, idx, pred), self.unit, self.grid)  # (B, 3, H, W)
+        hidden = torch.zeros_like(masked).scatter(1, keep_idx, sm_masked) if self.sm_ratio > 0 else None
+        return {"reconstruction": mim_picture(images, masked, prediction, self.unit, self.grid, mean, std, hidden)}

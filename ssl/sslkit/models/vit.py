@@ -447,6 +447,20 @@ class VisionTransformer(nn.Module):
                 x = blk(x)  # (B, 1+R+N, C)
         return self.norm(x)
 
+    def last_attention(self, x: Tensor) -> Tensor:
+        """The last block's CLS attention: ``(B, C_in, H, W) -> (B, heads, 1 + R + N)``, the softmax of
+        ``q_cls . k / sqrt(head_dim)`` over every token (each row sums to 1; ``[..., num_prefix_tokens:]`` are
+        the patch tokens in raster order), from the last block's ``norm1`` + ``attn.qkv`` on the tokens
+        entering it. In eval mode these are exactly the weights its SDPA applies (the forward returns none)."""
+        t = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t)  # (B, 1+R+N, C)
+        last = self.blocks[-1]
+        b, n, _ = t.shape
+        h, hd = last.attn.num_heads, last.attn.head_dim
+        q, k, _ = last.attn.qkv(last.norm1(t)).reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        return torch.softmax(q[:, :, :1] @ k.transpose(-2, -1) / math.sqrt(hd), dim=-1)[:, :, 0]  # (B, h, 1+R+N)
+
     def forward_packed(
         self, crops: Sequence[Tensor], masked: Optional[Sequence[Optional[Tensor]]] = None
     ) -> list[Tensor]:
