@@ -487,8 +487,9 @@ def summarize(cfg: DictConfig, method: Method, run_dir: str | Path) -> dict[str,
     """Print what a pretraining run learned, on the evaluation split (``eval_sources``, thinned to
     ``trainer.knn_train_samples`` / ``knn_val_samples`` like online kNN): the training loss over the run,
     the loss on held-out val images (methods whose loss takes single images, same masks for both models),
-    and kNN accuracy of the frozen encoder against the same model at random init and raw pixels.
-    Writes ``summary.json``."""
+    and two probes of frozen features — a linear probe (``linear_probe``, the MAE papers' protocol) and
+    weighted kNN (DINO's) — applied alike to the encoder after pretraining, the same model at random init,
+    and raw pixels. Writes ``summary.json``."""
     run_dir = Path(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     if rows:
@@ -516,17 +517,21 @@ def summarize(cfg: DictConfig, method: Method, run_dir: str | Path) -> dict[str,
                 n += len(batch["images"])
         if n:
             out[f"heldout_loss_{label}"] = tot / n
-    for label, embed_fn in [("pretrained", method.features), ("random_init", random_init.features),
-                            ("raw_pixels", raw_pixels)]:  # kNN on frozen features
-        (trf, try_), (tef, tey) = [extract_features(embed_fn, ld, device) for ld in loaders]
-        out[f"knn_top1_{label}"] = knn_classify(trf, try_, tef, tey, num_classes=len(train_src.classes))["top1"]
+    encoders = {"pretrained": method.features, "random_init": random_init.features, "raw_pixels": raw_pixels}
+    (trf, try_), (vaf, vay) = [extract_features_multi(encoders, ld, device) for ld in loaders]  # decoded once
+    k = len(train_src.classes)
+    for label in encoders:  # the same two probes for every encoder
+        out[f"knn_top1_{label}"] = knn_classify(trf[label], try_, vaf[label], vay, num_classes=k)["top1"]
+        out[f"linear_top1_{label}"] = linear_probe(trf[label], try_, vaf[label], vay, num_classes=k, epochs=100,
+                                                   class_names=list(train_src.classes))["top1"]
     if "heldout_loss_pretrained" in out:
         print(f"[sslkit] held-out {method.name} loss ({len(val_src)} images): after pretraining "
               f"{out['heldout_loss_pretrained']:.4f} | same model at random init {out['heldout_loss_random_init']:.4f}")
-    print(f"[sslkit] kNN top-1 (k=20, cosine, frozen {method.name} encoder features, {len(train_src)} train -> "
-          f"{len(val_src)} val images): after pretraining {out['knn_top1_pretrained']:.1f}% | random init "
-          f"{out['knn_top1_random_init']:.1f}% | raw pixels {out['knn_top1_raw_pixels']:.1f}% | chance "
-          f"{100.0 / max(1, len(train_src.classes)):.1f}%")
+    print(f"[sslkit] frozen {method.name} encoder features, {len(train_src)} train -> {len(val_src)} held-out val "
+          f"images, chance {100.0 / max(1, k):.1f}%:")
+    for probe, name in (("linear", "linear probe"), ("knn", "kNN")):
+        print(f"[sslkit]   {name} top-1: after pretraining {out[f'{probe}_top1_pretrained']:.1f}% | random init "
+              f"{out[f'{probe}_top1_random_init']:.1f}% | raw pixels {out[f'{probe}_top1_raw_pixels']:.1f}%")
     (run_dir / "summary.json").write_text(json.dumps(out, indent=2))
     return out
 
