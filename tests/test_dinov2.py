@@ -75,7 +75,8 @@ def test_last_layer_frozen_during_the_first_epoch():
 
 
 def test_teacher_temperature_and_momentum_schedules():
-    m = make("method.warmup_teacher_temp_epochs=3", "method.ema_momentum=0.992")
+    m = make("method.warmup_teacher_temp_epochs=3", "method.ema_momentum=0.992", "method.warmup_teacher_temp=0.04",
+             "method.teacher_temp=0.07")
     m.begin(0, derived(steps_per_epoch=10, total=100))
     assert m.teacher_temp_at(0) == pytest.approx(0.04)
     assert m.teacher_temp_at(15) == pytest.approx(0.04 + 0.03 * 15 / 30)

@@ -182,7 +182,7 @@ def test_eval_main_linear_writes_json(ckpt, tmp_path, capsys):
     assert r["checkpoint"] == str(ckpt) and r["eval"] == "linear" and r["method"] == "umae"
     assert r["protocol"]["epochs"] == 5 and r["protocol"]["lrs"] == list(DEFAULT_LRS)
     assert r["protocol"]["fit_samples"] + r["protocol"]["holdout_samples"] == 64  # data.num_samples
-    assert r["protocol"]["val_samples"] == 512  # synthetic val: 512 images of seed + 1000
+    assert r["protocol"]["val_samples"] == 1000  # synthetic val: 1000 images of seed + 1000
     assert r["lr"] in DEFAULT_LRS and 0.0 <= r["top1"] <= r["top5"] <= 100.0
     assert [d["lr"] for d in r["per_lr"]] == list(DEFAULT_LRS)
     assert "linear probe" in capsys.readouterr().out

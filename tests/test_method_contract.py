@@ -89,8 +89,10 @@ def check_state_dict_round_trip(name: str, tmp_path) -> None:
 
 
 def check_features(name: str) -> None:
-    """features: (B, 3, S, S) -> (B, backbone.num_features), finite, in eval mode, no gradient."""
+    """features: (B, 3, S, S) -> (B, backbone.num_features), finite, in eval mode, no gradient; the
+    summary's probe of the method is one it prints."""
     cfg, m, _ = built(name)
+    assert m.probe in ("linear", "knn")
     s = int(cfg.method.view.size)
     f = m.eval().features(torch.randn(3, 3, s, s))
     assert f.shape == (3, m.backbone.num_features) and torch.isfinite(f).all() and not f.requires_grad

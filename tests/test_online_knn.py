@@ -69,7 +69,7 @@ def test_summary_online_knn_and_sslkit_eval_agree_on_the_one_split(tmp_path):
     evaluation split (evaluation.eval_sources): with caps above the split sizes they report the same top-1."""
     from sslkit.evaluation import eval_knn
 
-    ov = [x for x in tiny("trainer.knn_every=6", "trainer.knn_val_samples=512") if x != "trainer.summary=false"]
+    ov = [x for x in tiny("trainer.knn_every=6", "trainer.knn_val_samples=1000") if x != "trainer.summary=false"]
     run_pretrain(compose(ov), tmp_path)  # 6 steps: online kNN at step 6, then the summary
     online = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]["knn_top1"]
     summary = json.loads((tmp_path / "summary.json").read_text())["knn_top1_pretrained"]

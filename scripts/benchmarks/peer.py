@@ -27,7 +27,7 @@ import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import timm
 import torch
@@ -166,5 +166,5 @@ class LightlyDINOv2(DINOv2):
         """Teacher CLS after the final norm (timm's ``forward_head(pre_logits=True)``), as for :class:`DINOv2`."""
         return embed(self.teacher["backbone"].vit, images)
 
-    def visualize(self, *args: Any, **kwargs: Any) -> Optional[Any]:
-        return None
+    def visualize(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {}  # no pictures for the peer

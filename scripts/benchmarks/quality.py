@@ -13,7 +13,7 @@ Learning curves on the CIFAR-10 tar's fixed train / val split (never in CI):
 - **Peer** (``lightly``): lightly 1.6's DINOv2 components (``benchmarks.peer``) in sslkit's loop with
   ``experiment=cifar10_dinov2``'s everything else: same tiny ViT (timm's class, sslkit's initial
   weights), crops, batch, steps, optimizer, schedules and data.
-- **Fine-tuning** (``--finetune-epochs N``, 0 = skip): ``experiment=cifar10_finetune_pvt`` from the last
+- **Fine-tuning** (``--finetune-epochs N``, 0 = skip): ``experiment=finetune_cifar10_pvt`` from the last
   UM-MAE checkpoint and from scratch (random init), same model, recipe and budget; top-1 on val.
 
 Rows (the harness's format: benchmark, model, variant, metric, value, unit): variant ``pretrained@<b>ep``
@@ -177,7 +177,7 @@ def finetune_rows(data: str, runs: Path, epochs: float, extra: list[str]) -> lis
         run_dir = runs / f"cifar10_{variant}"
         done = run_dir / "quality_point.json"
         if not done.is_file():
-            cfg = compose(["experiment=cifar10_finetune_pvt", f"data.path={data}", f"checkpoint={checkpoint}",
+            cfg = compose(["experiment=finetune_cifar10_pvt", f"data.path={data}", f"checkpoint={checkpoint}",
                            f"trainer.epochs={epochs:g}", "logger.wandb.mode=disabled", "trainer.progress=false",
                            *extra], config_name="finetune")
             t0, c0 = time.perf_counter(), _cpu_seconds()

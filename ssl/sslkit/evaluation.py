@@ -59,14 +59,14 @@ def extract_features_multi(embeds: dict[str, Callable[[torch.Tensor], torch.Tens
 
 def eval_split_configs(data_cfg: Any) -> dict[str, Any]:
     """The train / val data configs of evaluation. Synthetic data has no split: train = the config's
-    images, val = 512 images of seed + 1000; other sources use ``data.split`` (see ``split_indices``)."""
+    images, val = 1000 images of seed + 1000; other sources use ``data.split`` (see ``split_indices``)."""
     out = {}
     for split in ("train", "val"):
         c = copy.deepcopy(data_cfg)
         with open_dict(c):
             if c.name == "synthetic":
                 c.seed = int(c.seed) + (1000 if split == "val" else 0)
-                c.num_samples = 512 if split == "val" else c.num_samples
+                c.num_samples = 1000 if split == "val" else c.num_samples
             else:
                 c.split = split
         out[split] = c
@@ -529,8 +529,10 @@ def summarize(cfg: DictConfig, method: Method, run_dir: str | Path) -> dict[str,
               f"{out['heldout_loss_pretrained']:.4f} | same model at random init {out['heldout_loss_random_init']:.4f}")
     print(f"[sslkit] frozen {method.name} encoder features, {len(train_src)} train -> {len(val_src)} held-out val "
           f"images, chance {100.0 / max(1, k):.1f}%:")
-    for probe, name in (("linear", "linear probe"), ("knn", "kNN")):
-        print(f"[sslkit]   {name} top-1: after pretraining {out[f'{probe}_top1_pretrained']:.1f}% | random init "
+    probes = sorted((("linear", "linear probe"), ("knn", "kNN")), key=lambda p: p[0] != method.probe)
+    for probe, name in probes:  # the method's own protocol first
+        own = f" ({method.name}'s protocol)" if probe == method.probe else ""
+        print(f"[sslkit]   {name}{own} top-1: after pretraining {out[f'{probe}_top1_pretrained']:.1f}% | random init "
               f"{out[f'{probe}_top1_random_init']:.1f}% | raw pixels {out[f'{probe}_top1_raw_pixels']:.1f}%")
     (run_dir / "summary.json").write_text(json.dumps(out, indent=2))
     return out

@@ -61,9 +61,10 @@ def test_split_applies_to_synthetic() -> None:
     assert sorted(tr.indices.tolist() + va.indices.tolist()) == list(range(80))
 
 
-def test_class_structure_raw_pixels() -> None:
-    """1-NN on raw pixels (mean-centred, cosine), 384 train -> 128 test, 8 classes (chance 12.5%):
-    well above chance, far from perfect. Measured: 31.2% (seed 0; seeds 0-4: 31-40%)."""
+def test_raw_pixels_barely_see_the_classes() -> None:
+    """1-NN on raw pixels (mean-centred, cosine), 384 train -> 128 test, 8 classes (chance 12.5%): the
+    nuisance (position, scale, colours, the background field) dominates the pixels, so raw pixels are only
+    a little above chance. Measured: 16.4% (seed 0; seeds 0-4: 16-21%; 18-24% with 1536 train)."""
     src = SyntheticSource(512, num_classes=8, image_size=64, seed=0)
     x = _stack(src, range(512)).float().flatten(1)  # (512, 3*64*64)
     y = torch.as_tensor(src.labels())
@@ -72,7 +73,20 @@ def test_class_structure_raw_pixels() -> None:
     pred = y[:384][(x[384:] @ x[:384].T).argmax(1)]
     acc = (pred == y[384:]).float().mean().item()
     print(f"synthetic raw-pixel 1-NN accuracy: {acc:.3f} (chance 0.125)")
-    assert 0.25 < acc < 0.8
+    assert 0.1 < acc < 0.3
+
+
+def test_background_is_a_field_not_a_colour() -> None:
+    """The background changes across the image (so two crops of one image do not share its colour): far
+    from the shape, the corner regions of one image differ more than pixel noise explains."""
+    src = SyntheticSource(64, num_classes=8, image_size=64, seed=0)
+    diffs = []
+    for i in range(64):
+        img = src[i][0].float()  # (3, 64, 64)
+        corners = [img[:, :6, :6], img[:, :6, -6:], img[:, -6:, :6], img[:, -6:, -6:]]
+        means = torch.stack([c.mean((1, 2)) for c in corners])  # (4, 3)
+        diffs.append((means.max(0).values - means.min(0).values).max().item())
+    assert float(np.median(diffs)) > 40.0  # grey levels; pixel noise is +-12 and averages out over 36 px
 
 
 def test_fast() -> None:

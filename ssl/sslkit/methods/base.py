@@ -106,6 +106,7 @@ class Method(nn.Module):
     config_class: ClassVar[type] = MethodConfig
     export_note: ClassVar[str] = "Backbone only (no head)."
     test_overrides: ClassVar[tuple[str, ...]] = ()
+    probe: ClassVar[str] = "linear"  # the frozen-feature probe the method's papers judge it by: linear | knn
     backbone_prefix: str = "backbone."
     backbone: nn.Module
     model_config: dict[str, Any]

@@ -166,6 +166,7 @@ class DINOv2(Method):
                    "are not exported. mask_token is included (unused outside iBOT).")
     test_overrides = ("method=dinov2_tiny", "model=sslkit_vit_test", "optim=dinov2", "method.freeze_last_layer_epochs=0")
     backbone_prefix = "teacher.backbone."
+    probe = "knn"  # DINO / DINOv2 report weighted kNN (k=20, T=0.07) of the teacher's CLS
 
     def __init__(self, cfg: Any, model_cfg: Any) -> None:
         super().__init__()
