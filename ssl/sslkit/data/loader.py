@@ -192,19 +192,25 @@ class _PretrainBatches(Dataset):
         g, indices, positions = key
         B = len(indices)
         views, labels, used = [], [], []
+        # a two-stage view (multi-crop) makes each sample's crops and draws their parameters here, and
+        # runs its per-pixel stage once on the stacked batch (``finish``): the same result, less overhead
+        per_sample = getattr(self.view, "crops", self.view)
         rng_state = torch.get_rng_state()  # views use the global CPU generator: restore it after
         try:
             for i, pos in zip(indices, positions):
                 img, label, j = self.policy.read(self.source, i)
                 # the 0 stands where the rank was: views are rank-independent (single-process streams unchanged)
                 torch.default_generator.manual_seed(derive_seed(self.seed, _VIEW, 0, g, pos))
-                views.append(self.view(img))  # (3, S, S) float32, or {key: (n_k, 3, S_k, S_k)}
+                views.append(per_sample(img))  # (3, S, S) float32, or {key: (n_k, ...)}
                 labels.append(label)
                 used.append(j)
         finally:
             torch.set_rng_state(rng_state)
+        stacked = stack_views(views)
+        if per_sample is not self.view:
+            stacked = self.view.finish(stacked)
         batch = {
-            **stack_views(views),  # images (B, 3, S, S) | global_crops (n_global*B, ...), local_crops ...
+            **stacked,  # images (B, 3, S, S) | global_crops (n_global*B, ...), local_crops ...
             "labels": torch.tensor(labels, dtype=torch.int64),  # (B,)
             "index": torch.tensor(used, dtype=torch.int64),  # (B,)
         }

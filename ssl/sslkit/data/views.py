@@ -4,7 +4,8 @@ Every view maps a PIL RGB image or a (3, H, W) uint8 tensor to float32 crops nor
 data mean/std: either one (3, S, S) tensor (``mae``) or a dict of stacked crops (``multicrop``:
 ``{"global_crops": (n_global, 3, S, S), "local_crops": (n_local, 3, s, s)}``). The transforms draw
 from torch's global CPU generator; the loaders seed it per sample from (seed, batch, position) so
-views are reproducible across workers and resume.
+views are reproducible across workers and resume. The multi-crop view has two stages (``crops`` per
+sample, ``finish`` per batch: ``sslkit.data.photometric``) with exactly torchvision's results.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from sslkit.schemas import MultiCropViewConfig, ViewConfig
+from sslkit.data.photometric import N_PARAMS, Photometric
+from sslkit.data.photometric import apply as apply_photometric
 from sslkit.errors import ConfigError
+from sslkit.schemas import MultiCropViewConfig, ViewConfig
 
 # Modes that work on tensors (the pipeline converts to a tensor first, so PIL-only modes are out).
 INTERPOLATIONS = {
@@ -141,48 +144,67 @@ def _scale(name: str, value: Any) -> tuple[float, float]:
     return lo, hi
 
 
-def _crop_transform(size: int, scale: tuple[float, float], ratio: tuple[float, float], interp: InterpolationMode,
-                    hflip: float, jitter: tuple[float, ...], jitter_p: float, gray_p: float, blur_p: float,
-                    sigma: tuple[float, float], solarize_p: float, mean: list[float], std: list[float]) -> v2.Compose:
-    """One multi-crop branch on a (3, H, W) uint8 image -> (3, size, size) float32, normalized."""
-    steps: list[Callable] = [
+def _geometric(size: int, scale: tuple[float, float], ratio: tuple[float, float], interp: InterpolationMode,
+               hflip: float) -> v2.Compose:
+    """A multi-crop branch's geometric part on a (3, H, W) uint8 image -> (3, size, size) uint8."""
+    return v2.Compose([
         v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=interp, antialias=True),
         v2.RandomHorizontalFlip(hflip),
-        v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p),  # on uint8, like build_mae_view
-        v2.RandomGrayscale(gray_p),  # keeps 3 channels
-        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=sigma)], p=blur_p),
-    ]
-    if solarize_p > 0.0:
-        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))  # uint8: invert pixels >= 128
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), _to_plain]
-    return v2.Compose(steps)
+        _to_plain,
+    ])
 
 
 class MultiCropView:
-    """DINOv2 multi-crop view (see ``build_multicrop_view``); a picklable callable."""
+    """DINOv2 multi-crop view (see ``build_multicrop_view``); a picklable callable.
 
-    def __init__(self, global_transforms: list[v2.Compose], local_transforms: list[v2.Compose],
-                 local_size: int) -> None:
-        self.global_transforms = global_transforms
-        self.local_transforms = local_transforms
-        self.local_size = local_size
+    Two stages, so the loader can run the photometric one once per batch: ``crops(img)`` makes each
+    crop's geometry (uint8) and draws its photometric parameters; ``finish(batch)`` applies them to the
+    stacked crops (``photometric.apply``: colour jitter, grayscale, blur, solarize) and normalizes.
+    ``view(img)`` is both stages on one image."""
 
-    def __call__(self, img: object) -> dict[str, torch.Tensor]:
+    def __init__(self, geometric: list[v2.Compose], photometric: list[Photometric], n_global: int,
+                 local_size: int, mean: list[float], std: list[float]) -> None:
+        self.geometric, self.photometric = geometric, photometric
+        self.n_global, self.local_size = n_global, local_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def crops(self, img: object) -> dict[str, torch.Tensor]:
+        """(3, H, W) image -> uint8 ``global_crops`` (n_global, 3, S, S), ``local_crops`` (n_local, 3, s, s)
+        and their parameter rows ``*_params`` (n, photometric.N_PARAMS)."""
         x = v2.functional.to_image(img)  # (3, H, W) uint8 tv_tensors.Image (PIL or tensor input)
-        n_global = len(self.global_transforms)
         # one seed per crop from the global generator, then each crop runs on its own stream: a crop's
         # randomness does not depend on how many numbers the other crops drew (e.g. their blur / solarize)
-        seeds = torch.randint(0, 2**62, (n_global + len(self.local_transforms),)).tolist()
-        crops = []
-        for seed, t in zip(seeds, self.global_transforms + self.local_transforms):
+        seeds = torch.randint(0, 2**62, (len(self.geometric),)).tolist()
+        crops, params = [], []
+        for seed, geo, photo in zip(seeds, self.geometric, self.photometric):
             torch.default_generator.manual_seed(seed)
-            crops.append(t(x))  # (3, S, S) or (3, s, s) float32
-        global_crops = torch.stack(crops[:n_global])  # (n_global, 3, S, S)
-        if self.local_transforms:
-            local_crops = torch.stack(crops[n_global:])  # (n_local, 3, s, s)
+            crops.append(geo(x))  # (3, S, S) uint8
+            params.append(photo.draw())  # the draws torchvision's colour transforms would make next
+        g = self.n_global
+        out = {"global_crops": torch.stack(crops[:g]), "global_crops_params": torch.stack(params[:g])}
+        if len(crops) > g:
+            out.update(local_crops=torch.stack(crops[g:]), local_crops_params=torch.stack(params[g:]))
         else:
-            local_crops = torch.empty(0, 3, self.local_size, self.local_size)
-        return {"global_crops": global_crops, "local_crops": local_crops}
+            out.update(local_crops=torch.empty(0, 3, self.local_size, self.local_size, dtype=torch.uint8),
+                       local_crops_params=torch.empty(0, N_PARAMS))
+        return out
+
+    def finish(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Apply the photometric parameters to the stacked crops (any number of rows) and normalize:
+        uint8 ``*_crops`` + ``*_crops_params`` -> float32 ``*_crops``."""
+        for key, k in (("global_crops", 0), ("local_crops", -1)):
+            if key not in batch:
+                continue
+            params = batch.pop(f"{key}_params")
+            x = batch[key]  # (N, 3, S, S) uint8
+            if x.shape[0]:
+                x = apply_photometric(x, params, self.photometric[k].kernel_size)
+            batch[key] = x.to(torch.float32).mul_(1.0 / 255).sub_(self.mean).div_(self.std)  # ToDtype + Normalize
+        return batch
+
+    def __call__(self, img: object) -> dict[str, torch.Tensor]:
+        return self.finish(self.crops(img))
 
 
 def build_multicrop_view(view: MultiCropViewConfig, mean: Sequence[float], std: Sequence[float]) -> MultiCropView:
@@ -202,6 +224,11 @@ def build_multicrop_view(view: MultiCropViewConfig, mean: Sequence[float], std: 
     it before that crop, so each crop depends only on the generator's state at the call and its
     position, not on the other crops' settings. The global generator is left advanced (the loader
     restores its state after each batch).
+
+    The crops' geometry runs per sample (torchvision's RandomResizedCrop + flip); the colour jitter,
+    grayscale, blur and solarize parameters are drawn right after, with the calls torchvision's
+    transforms make, and applied by ``finish`` to a whole batch at once (``sslkit.data.photometric``):
+    bit-identical to the per-crop torchvision pipeline (tested), 2x faster for the DINOv2 demo's step.
     """
     size = _positive_int("size", view.size)
     local_size = _positive_int("local_size", view.local_size)
@@ -230,14 +257,15 @@ def build_multicrop_view(view: MultiCropViewConfig, mean: Sequence[float], std: 
     interp = interpolation(view.interpolation)
     mean_l, std_l = _check_norm(mean, std)
 
-    def branch(crop_size: int, scale: tuple[float, float], blur_p: float, sol_p: float) -> v2.Compose:
-        return _crop_transform(crop_size, scale, ratio, interp, hflip, jitter, jitter_p, gray_p, blur_p,
-                               sigma, sol_p, mean_l, std_l)
+    def photo(crop_size: int, blur_p: float, sol_p: float) -> Photometric:
+        return Photometric(jitter=jitter, jitter_p=jitter_p, gray_p=gray_p, blur_p=blur_p, sigma=sigma,
+                           solarize_p=sol_p, kernel_size=blur_kernel_size(crop_size))
 
-    globals_ = [branch(size, global_scale, blur[0] if i == 0 else blur[1], solarize_p if i == 1 else 0.0)
-                for i in range(n_global)]
-    locals_ = [branch(local_size, local_scale, blur[2], 0.0) for _ in range(n_local)]
-    return MultiCropView(globals_, locals_, local_size)
+    geometric = ([_geometric(size, global_scale, ratio, interp, hflip)] * n_global
+                 + [_geometric(local_size, local_scale, ratio, interp, hflip)] * n_local)
+    photometric = ([photo(size, blur[0] if i == 0 else blur[1], solarize_p if i == 1 else 0.0) for i in range(n_global)]
+                   + [photo(local_size, blur[2], 0.0)] * n_local)
+    return MultiCropView(geometric, photometric, n_global, local_size, mean_l, std_l)
 
 
 VIEWS: dict[str, Callable[..., View]] = {"mae": build_mae_view, "multicrop": build_multicrop_view}
