@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -139,7 +140,7 @@ def run_curve(key: str, data: str, runs: Path, budgets: list[float], extra: list
             print(f"[quality] {key} @ {b:g} epochs: step {result.step} of {d.total_steps}, {cost['cpu_s'] / 60:.1f} "
                   f"CPU-min so far", flush=True)
             snap = run_dir / "checkpoints" / f"budget_{b:g}ep.pt"
-            snap.write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes())
+            shutil.copyfile(run_dir / "checkpoints" / "last.pt", snap)
             res = evaluate_encoders({tag: _features_of(cfg, snap)}, cfg.data, size)[tag]
             points[tag] = {**res, "steps": result.step, "images_seen": result.step * d.global_batch, **cost}
             points["cost"] = cost

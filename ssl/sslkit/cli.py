@@ -129,6 +129,15 @@ def check_keys(argv: list[str], schema: type, command: str, usage: str) -> list[
     return out
 
 
+def _checked_app(config: str, task: Any, argv: list[str], schema: type, command: str, usage: str) -> None:
+    """``check_keys`` (a bad key exits 2 with the message), then the Hydra app ``config`` running ``task``."""
+    try:
+        rest = check_keys(argv, schema, command, usage)
+    except SSLKitError as e:
+        _fail(e)
+    _hydra_app(config, task, rest, command)
+
+
 def _need_checkpoint(cfg: DictConfig, command: str, usage: str) -> str:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError(f"{command} needs checkpoint=<path>\n{usage}")
@@ -158,11 +167,10 @@ def eval_main(argv: Optional[list[str]] = None) -> None:
                 print(EVAL_USAGE)
                 return
             raise ConfigError(f"{f'unknown subcommand {argv[0]!r}; ' if argv else ''}{EVAL_USAGE}")
-        schema, task = EVALS[argv[0]]
-        rest = check_keys(argv[1:], schema, f"sslkit-eval {argv[0]}", EVAL_USAGE)
     except SSLKitError as e:
         _fail(e)
-    _hydra_app(f"eval_{argv[0]}", task, rest, f"sslkit-eval {argv[0]}")
+    schema, task = EVALS[argv[0]]
+    _checked_app(f"eval_{argv[0]}", task, argv[1:], schema, f"sslkit-eval {argv[0]}", EVAL_USAGE)
 
 
 def _export(cfg: DictConfig) -> None:
@@ -171,12 +179,8 @@ def _export(cfg: DictConfig) -> None:
 
 
 def export_main(argv: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        rest = check_keys(argv, ExportConfig, "sslkit-export", EXPORT_USAGE)
-    except SSLKitError as e:
-        _fail(e)
-    _hydra_app("export", _hydra_export, rest, "sslkit-export")
+    _checked_app("export", _hydra_export, sys.argv[1:] if argv is None else list(argv), ExportConfig,
+                 "sslkit-export", EXPORT_USAGE)
 
 
 def _visualize(cfg: DictConfig) -> None:
@@ -185,9 +189,5 @@ def _visualize(cfg: DictConfig) -> None:
 
 
 def visualize_main(argv: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        rest = check_keys(argv, VisualizeConfig, "sslkit-visualize", VISUALIZE_USAGE)
-    except SSLKitError as e:
-        _fail(e)
-    _hydra_app("visualize", _hydra_visualize, rest, "sslkit-visualize")
+    _checked_app("visualize", _hydra_visualize, sys.argv[1:] if argv is None else list(argv), VisualizeConfig,
+                 "sslkit-visualize", VISUALIZE_USAGE)

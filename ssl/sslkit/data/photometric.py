@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.transforms.v2.functional import to_dtype
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv  # torchvision's own HSV round trip
 
 N_PARAMS = 13
 PARAM = {"jitter": 0, "order": slice(1, 5), "brightness": 5, "contrast": 6, "saturation": 7, "hue": 8,
@@ -109,9 +111,6 @@ def saturation(x: Tensor, f: Tensor) -> Tensor:
 
 
 def hue(x: Tensor, f: Tensor) -> Tensor:
-    from torchvision.transforms.v2.functional import to_dtype
-    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
-
     hsv = _rgb_to_hsv(to_dtype(x, torch.float32, scale=True))
     h, s, v = hsv.unbind(dim=-3)
     h = h.add(f.view(-1, 1, 1)).remainder_(1.0)
