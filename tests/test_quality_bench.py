@@ -93,6 +93,11 @@ def test_curve_rows_plot_resume_and_finetune(tmp_path, data, monkeypatch):
 
 def test_budgets_are_checked():
     assert quality.parse_budgets("4,1,2,2") == [1.0, 2.0, 4.0]
+    assert quality.model_budgets("1,2", ["umae", "dinov2"]) == {"umae": [1.0, 2.0], "dinov2": [1.0, 2.0]}
+    assert quality.model_budgets("dinov2=3,1;", ["umae", "dinov2"]) == {"umae": [1.0, 2.0, 4.0, 8.0],
+                                                                       "dinov2": [1.0, 3.0]}
+    with pytest.raises(SystemExit, match="<model>=<epochs>"):
+        quality.model_budgets("simclr=1,2", ["umae"])
     for bad in ("0,1", "a", ""):
         with pytest.raises(SystemExit, match="--budgets"):
             quality.parse_budgets(bad)
@@ -119,3 +124,14 @@ def test_the_peer_trains_in_sslkit_loop_from_sslkit_init(tmp_path, data):
     get = {(r["variant"], r["metric"]): r["value"] for r in rows}
     assert get[("lightly@1ep", "steps")] == 4 and 0 <= get[("lightly@1ep", "knn_top1")] <= 100
     assert not any(r["variant"] == "random_init" for r in rows)  # shared with the sslkit DINOv2 row
+
+
+def test_cost_of_a_resumed_segment_counts_the_killed_steps_at_its_rate() -> None:
+    # cached cost covers steps 0..100 (50 CPU-s); a killed process got to a checkpoint at step 150, and the
+    # resumed segment runs 150..250 in 40 CPU-s: the 50 lost steps count at 0.4 s/step
+    cost = {"steps": 100, "estimated_steps": 0, "cpu_s": 50.0, "wall_s": 30.0}
+    out = quality._add_segment(cost, 150, 250, 40.0, 20.0)
+    assert out == {"steps": 250, "estimated_steps": 50, "cpu_s": 50.0 + 60.0, "wall_s": 30.0 + 30.0}
+    # an uninterrupted segment adds its own cost only
+    assert quality._add_segment(out, 250, 300, 10.0, 5.0) == {"steps": 300, "estimated_steps": 50,
+                                                               "cpu_s": 120.0, "wall_s": 65.0}

@@ -96,9 +96,10 @@ def print_table(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) ->
     print(f"\n== benchmark {name} | {platform.node()} {platform.machine()} cpus={os.cpu_count()} | "
           f"torch {torch.__version__} threads={torch.get_num_threads()} | "
           + " ".join(f"{k}={v}" for k, v in extra.items()))
-    print(f"{'model':<14}{'variant':<18}{'metric':<20}{'value':>12}  unit")
+    w = [max([width] + [len(str(r[k])) + 1 for r in rows]) for k, width in (("model", 14), ("variant", 18), ("metric", 20))]
+    print(f"{'model':<{w[0]}}{'variant':<{w[1]}}{'metric':<{w[2]}}{'value':>12}  unit")
     for r in rows:
-        print(f"{r['model']:<14}{r['variant']:<18}{r['metric']:<20}{r['value']:>12.4g}  {r['unit']}")
+        print(f"{r['model']:<{w[0]}}{r['variant']:<{w[1]}}{r['metric']:<{w[2]}}{r['value']:>12.4g}  {r['unit']}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="(umae) path to a checkout of the official UM-MAE code to measure side by side")
     p.add_argument("--data", default=None, help="(quality) the CIFAR-10 tar (default ../shared/data/cifar10-train.tar)")
     p.add_argument("--runs", default=None, help="(quality) where the pretraining runs go (default runs/quality)")
-    p.add_argument("--budgets", default=None, help="(quality) pretraining budgets in epochs, e.g. 1,2,4,8 (default)")
+    p.add_argument("--budgets", default=None, help="(quality) pretraining budgets in epochs, e.g. 1,2,4,8 (default), or per "
+                   "model: 'umae=1,2,4,8;dinov2=1,2,3'")
     p.add_argument("--override", action="append", help="(quality) extra pretraining config override, repeatable")
     p.add_argument("--finetune-epochs", type=float, default=0,
                    help="(quality) fine-tune the last UM-MAE checkpoint and from scratch for N epochs (0: skip)")

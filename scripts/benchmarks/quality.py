@@ -19,7 +19,8 @@ Learning curves on the CIFAR-10 tar's fixed train / val split (never in CI):
 Rows (the harness's format: benchmark, model, variant, metric, value, unit): variant ``pretrained@<b>ep``
 (``lightly@<b>ep`` for the peer) with ``knn_top1`` / ``linear_top1`` / top-5s, ``steps``,
 ``images_seen``, ``cpu_s`` and ``wall_s`` (cumulative pretraining cost at that budget, data workers
-included); ``random_init`` / ``raw_pixels`` with the probe metrics; ``finetune_pretrained`` /
+included; ``cost_estimated_steps``: steps of a killed process, counted at the resumed segment's rate);
+``random_init`` / ``raw_pixels`` with the probe metrics; ``finetune_pretrained`` /
 ``finetune_scratch`` with ``top1``, ``top5``, ``cpu_s``. ``--plot`` (default: ``--out`` with ``.png``)
 draws the curves.
 
@@ -117,6 +118,23 @@ def _features_of(cfg: Any, checkpoint: Optional[Path]) -> Callable[[torch.Tensor
     return method.features
 
 
+def _resume_step(run_dir: Path) -> int:
+    """The step a run in ``run_dir`` resumes from (0 for a new run)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    return int(ckpt_io.load(last)["step"]) if last.is_file() else 0
+
+
+def _add_segment(cost: dict[str, Any], start: int, end: int, cpu_s: float, wall_s: float) -> dict[str, Any]:
+    """The cumulative cost after a training segment that ran steps ``start`` .. ``end``. A run killed between
+    two points resumes from its last checkpoint, past the step the cached cost covers: the steps in between
+    were paid by the killed process and are counted at this segment's rate, and reported as
+    ``estimated_steps``."""
+    gap = max(0, start - int(cost["steps"]))
+    rate = 1.0 + gap / max(1, end - start)
+    return {"steps": end, "estimated_steps": int(cost["estimated_steps"]) + gap,
+            "cpu_s": cost["cpu_s"] + cpu_s * rate, "wall_s": cost["wall_s"] + wall_s * rate}
+
+
 def run_curve(key: str, data: str, runs: Path, budgets: list[float], extra: list[str]) -> list[dict[str, Any]]:
     """Pretrain ``key`` with snapshots at ``budgets`` epochs; rows for every snapshot and its random init."""
     model, prefix = MODELS[key][:2]
@@ -127,29 +145,32 @@ def run_curve(key: str, data: str, runs: Path, budgets: list[float], extra: list
     cfg = pretrain_config(key, data, max(budgets), extra)
     size = int(cfg.method.view.size)
     d = derive(cfg, len(build_source(cfg.data)))
-    cost = points.get("cost", {"cpu_s": 0.0, "wall_s": 0.0})
+    covered = max([int(p["steps"]) for p in points.values() if "steps" in p], default=0)  # caches without cost.steps
+    cost = {"steps": covered, "estimated_steps": 0, "cpu_s": 0.0, "wall_s": 0.0, **points.get("cost", {})}
     rows: list[dict[str, Any]] = []
     for b in sorted(budgets):
         stop = min(d.total_steps, int(round(b * d.steps_per_epoch)))
         tag = f"{prefix}@{b:g}ep"
         if tag not in points:
             cfg.trainer.stop_after = stop
+            start = _resume_step(run_dir)
             t0, c0 = time.perf_counter(), _cpu_seconds()
             result = train(cfg, run_dir)
-            cost = {"cpu_s": cost["cpu_s"] + _cpu_seconds() - c0, "wall_s": cost["wall_s"] + time.perf_counter() - t0}
+            cost = _add_segment(cost, start, result.step, _cpu_seconds() - c0, time.perf_counter() - t0)
             print(f"[quality] {key} @ {b:g} epochs: step {result.step} of {d.total_steps}, {cost['cpu_s'] / 60:.1f} "
                   f"CPU-min so far", flush=True)
             snap = run_dir / "checkpoints" / f"budget_{b:g}ep.pt"
             shutil.copyfile(run_dir / "checkpoints" / "last.pt", snap)
             res = evaluate_encoders({tag: _features_of(cfg, snap)}, cfg.data, size)[tag]
-            points[tag] = {**res, "steps": result.step, "images_seen": result.step * d.global_batch, **cost}
+            points[tag] = {**res, "images_seen": result.step * d.global_batch, **cost}
             points["cost"] = cost
             _save_points(points_path, points)
         p = points[tag]
         rows += [row("quality", model, tag, m, p[m], "%") for m in PROBE_METRICS]
         rows += [row("quality", model, tag, "steps", p["steps"], "steps"),
                  row("quality", model, tag, "images_seen", p["images_seen"], "images"),
-                 row("quality", model, tag, "cpu_s", p["cpu_s"], "s"), row("quality", model, tag, "wall_s", p["wall_s"], "s")]
+                 row("quality", model, tag, "cpu_s", p["cpu_s"], "s"), row("quality", model, tag, "wall_s", p["wall_s"], "s"),
+                 row("quality", model, tag, "cost_estimated_steps", p.get("estimated_steps", 0), "steps")]
     if prefix == "pretrained":  # the peer shares the sslkit backbone's initialization: one random-init row
         if "random_init" not in points:
             points["random_init"] = evaluate_encoders({"random_init": _features_of(cfg, None)}, cfg.data, size)["random_init"]
@@ -246,6 +267,20 @@ def plot(rows: list[dict[str, Any]], out_png: str | Path, title: str = "") -> Pa
     return out_png
 
 
+def model_budgets(text: str, models: list[str]) -> dict[str, list[float]]:
+    """``--budgets``: one list for every model (``1,2,4,8``) or per model, ``;``-separated, the others
+    keeping the default (``umae=1,2,4,8;dinov2=1,2,3``)."""
+    if "=" not in text:
+        return {m: parse_budgets(text) for m in models}
+    out = {m: parse_budgets(DEFAULT_BUDGETS) for m in models}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, values = part.partition("=")
+        if not sep or name.strip() not in MODELS:
+            raise SystemExit(f"quality: --budgets {text!r}: write <model>=<epochs>, models {list(MODELS)}")
+        out[name.strip()] = parse_budgets(values)
+    return out
+
+
 def parse_budgets(text: str) -> list[float]:
     try:
         budgets = sorted({float(b) for b in text.split(",") if b.strip()})
@@ -266,14 +301,15 @@ def quality(args: argparse.Namespace) -> list[dict[str, Any]]:
     unknown = [m for m in methods if m not in MODELS]
     if unknown:
         raise SystemExit(f"quality: unknown --models {unknown}; choose from {list(MODELS)}")
-    budgets = parse_budgets(args.budgets or DEFAULT_BUDGETS)
+    budgets = model_budgets(args.budgets or DEFAULT_BUDGETS, methods)
     extra = list(args.override or [])
     rows = raw_pixel_rows(data, runs)
     for m in methods:
-        rows += run_curve(m, data, runs, budgets, extra)
+        rows += run_curve(m, data, runs, budgets[m], extra)
     if args.finetune_epochs:
         rows += finetune_rows(data, runs, float(args.finetune_epochs), list(args.finetune_override or []))
-    print_table("quality", rows, {"data": data, "budgets": ",".join(f"{b:g}" for b in budgets),
+    print_table("quality", rows, {"data": data, "budgets": "; ".join(f"{m} {','.join(f'{b:g}' for b in bs)}"
+                                                                      for m, bs in budgets.items()),
                                   "eval": "kNN k=20 T=0.07 + linear probe, val split 5000"})
     png = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
     if png:
