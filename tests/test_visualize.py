@@ -219,7 +219,7 @@ def test_run_pretrain_ends_saying_where_the_pictures_are(tmp_path, monkeypatch, 
     said = f"[sslkit] pictures: {tmp_path / 'pictures'}/ (step_2_reconstruction.png, curves.png)"
     assert said in capsys.readouterr().out
     first = (tmp_path / "pictures" / "step_2_reconstruction.png").stat().st_mtime_ns
-    end_pictures(cfg, result)  # already there (as trainer.visualize_every leaves them): not drawn again
+    end_pictures(cfg, result.run_dir, result.step, result.method)  # already there (as trainer.visualize_every leaves them): not drawn again
     assert said in capsys.readouterr().out
     assert first == (tmp_path / "pictures" / "step_2_reconstruction.png").stat().st_mtime_ns
 

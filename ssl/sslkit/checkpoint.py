@@ -36,6 +36,7 @@ class ModelSpec(TypedDict):
 class _CheckpointOptional(TypedDict, total=False):
     backbone_prefix: str  # where the backbone's weights are in ``model``; absent in older files: "backbone."
     rng_ranks: list[dict[str, Any]]  # every rank's RNG state; absent in older files
+    tracker_ids: dict[str, str]  # run ids of the trackers that have them ({"mlflow": ...}); absent in older files
 
 
 class Checkpoint(_CheckpointOptional):

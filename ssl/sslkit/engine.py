@@ -159,15 +159,16 @@ class Run:
                 model_config=self.method.model_config, backbone_prefix=self.method.backbone_prefix, model=model_sd,
                 optimizer=opt_sd, scaler=self.scaler.state_dict(), step=self.step,
                 data_state=self.loader.state_dict(), rng=rngs[0], rng_ranks=rngs, config=self.config,
-                derived=asdict(self.derived), wandb_id=self.log.wandb_id, metrics=metrics))
+                derived=asdict(self.derived), wandb_id=self.log.wandb_id, tracker_ids=self.log.ids(), metrics=metrics))
             if name.startswith("step_"):
                 ckpt_io.prune(path.parent, int(self.cfg.trainer.keep_last), self.cfg.trainer.keep_permanent_every)
         dd.barrier()  # nobody reads the checkpoint before it is complete
         return path
 
-    def close(self) -> None:
+    def close(self, keep_log: bool = False) -> None:
         self.preempt.restore()
-        self.log.close()
+        if not keep_log:
+            self.log.close()
         self.loader.close()  # stop persistent workers
         self.dist.teardown()  # destroys the process group if setup() made it
 
@@ -195,12 +196,12 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
         method.load_state_dict(state["model"])
     fwd = dd.wrap(method, rt.amp_dtype)  # DDP / FSDP2 (in place) / the method itself
     opt = build_optimizer(method, cfg.optim, d.lr)  # after wrapping: FSDP2 replaces the parameters
-    step, wandb_id = 0, None
+    step, tracker_ids = 0, {}
     if state is not None:
         dd.load_optimizer_state(method, opt, state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         ckpt_io.set_rng_state(dd.rank_rng(state))
-        step, wandb_id = int(state["step"]), state["wandb_id"]
+        step, tracker_ids = int(state["step"]), {"wandb": state["wandb_id"], **state.get("tracker_ids", {})}
         if dd.is_main:
             print(f"[sslkit] resumed from step {step} in {run_dir}")
     method.begin(step, d)
@@ -213,7 +214,8 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     loader = build_pretrain_loader(source, cfg.data, cfg.method.view, method.masking(), seed=int(tc.seed),
                                    start_state=state["data_state"] if state else None, device=rt.device.type,
                                    rank=dd.rank, world_size=dd.world_size)
-    log = RunLogger(run_dir, cfg.logger.wandb, {**plain, "derived": asdict(d)}, d.total_steps, step, wandb_id,
+    log = RunLogger(run_dir, cfg.logger, {**plain, "derived": asdict(d)}, d.total_steps, step,
+                    {k: v for k, v in tracker_ids.items() if v},
                     bool(tc.progress), is_main=dd.is_main)
     online_knn = (OnlineKNN(cfg.data, int(cfg.method.view.size), int(tc.knn_every), int(tc.knn_train_samples),
                             int(tc.knn_val_samples)) if tc.knn_every else None)
@@ -229,8 +231,11 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
                loader, log, online_knn, pictures, preempt, agree, plain, step)
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
-    """Train ``cfg`` in ``run_dir`` to the end of its schedule (or ``trainer.stop_after``), checkpointing."""
+def train(cfg: DictConfig, run_dir: str | Path,
+          finish: Optional[Callable[[Method, int, RunLogger], None]] = None) -> TrainResult:
+    """Train ``cfg`` in ``run_dir`` to the end of its schedule (or ``trainer.stop_after``), checkpointing.
+    ``finish(method, step, log)``: rank 0's end-of-run work (summary, pictures) once training is closed down
+    (workers stopped, process group gone), with the run logger still open for the trackers."""
     run = build_run(cfg, run_dir)
     tc, method, opt, scaler, dd = cfg.trainer, run.method, run.opt, run.scaler, run.dist
     it: Iterator[dict[str, torch.Tensor]] = iter(run.loader)
@@ -278,6 +283,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 last = run.save("last.pt", metrics) if step % tc.ckpt_every else run.run_dir / "checkpoints" / "last.pt"
                 raise run.preempt.preempted(step, str(last))
         method = dd.unsharded(method, lambda: build_method(cfg))  # FSDP: a plain copy on rank 0
-    finally:
+    except BaseException:
         run.close()
+        raise
+    run.close(keep_log=True)
+    try:
+        if finish is not None and dd.is_main:
+            finish(method, run.step, run.log)
+    finally:
+        run.log.close()
     return TrainResult(run.run_dir, run.step, run.derived, metrics, method, dd.is_main)

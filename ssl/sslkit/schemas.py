@@ -343,8 +343,23 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False  # event files in <run_dir>/tensorboard (tensorboard --logdir <run_dir>)
+
+
+@dataclass
+class MLflowConfig:
+    enabled: bool = False
+    tracking_uri: Optional[str] = None  # None: sqlite:///<run_dir>/mlflow.db (mlflow ui --backend-store-uri ...)
+    experiment: str = "sslkit"
+    run_name: Optional[str] = None
+
+
+@dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
 
 # ----------------------------------------------------------------------------------------- primary configs

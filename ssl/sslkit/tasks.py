@@ -21,29 +21,33 @@ from omegaconf import DictConfig, OmegaConf
 from sslkit import checkpoint as ckpt_io
 from sslkit.engine import TrainResult, build_pictures, picture_images, train
 from sslkit.evaluation import evaluate_classifier, summarize
-from sslkit.methods import build_method
+from sslkit.methods import Method, build_method
+from sslkit.runlog import RunLogger
 from sslkit.visualize import make_pictures, plot_curves
 
 
 def run_pretrain(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Train (``engine.train``); then, with ``trainer.summary``, rank 0 prints and saves what was learned and
-    writes the end-of-run pictures (``end_pictures``)."""
-    result = train(cfg, run_dir)
-    if cfg.trainer.summary and result.is_main:
-        summarize(cfg, result.method, result.run_dir)
-        end_pictures(cfg, result)
-    return result
+    writes the end-of-run pictures (``end_pictures``), both also sent to the trackers."""
+
+    def finish(method: Method, step: int, log: RunLogger) -> None:
+        if cfg.trainer.summary:
+            log.summary(summarize(cfg, method, run_dir))
+            end_pictures(cfg, Path(run_dir), step, method, log)
+
+    return train(cfg, run_dir, finish)
 
 
-def end_pictures(cfg: DictConfig, result: TrainResult) -> list[Path]:
-    """The pictures of the last step in ``<run_dir>/pictures/`` (unless ``trainer.visualize_every`` already wrote
-    them) and ``curves.png``; prints where they are."""
-    out = result.run_dir / "pictures"
-    paths = sorted(out.glob(f"step_{result.step}_*.png"))
-    if paths:  # written by trainer.visualize_every at the last step, with the curves up to it
+def end_pictures(cfg: DictConfig, run_dir: Path, step: int, method: Method,
+                 log: Optional[RunLogger] = None) -> list[Path]:
+    """The pictures of the last ``step`` in ``<run_dir>/pictures/`` (unless ``trainer.visualize_every`` already
+    wrote them) and ``curves.png``, logged through ``log``; prints where they are."""
+    out = run_dir / "pictures"
+    paths = sorted(out.glob(f"step_{step}_*.png"))
+    if paths:  # written by trainer.visualize_every at the last step, with the curves up to it (and logged)
         paths += [out / "curves.png"] if (out / "curves.png").is_file() else []
     else:
-        paths = build_pictures(cfg, result.run_dir)(result.step, result.method, final=True)
+        paths = build_pictures(cfg, run_dir, log)(step, method, final=True)
     print(f"[sslkit] pictures: {out}/ ({', '.join(p.name for p in paths)})")
     return paths
 
