@@ -64,6 +64,7 @@ class SourceName(Choice):
     cifar100 = "cifar100"
     stl10 = "stl10"
     imagenet = "imagenet"
+    hf = "hf"
 
 
 class Split(Choice):
@@ -247,6 +248,10 @@ class DataConfig:
     allow_upscale: bool = True  # images smaller than the view size: upsample (True) or fail at start
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = checked((0.229, 0.224, 0.225), each(gt(0), 3))
+    # hf source only (data=hf): the image / label columns (label null: unlabelled), a DatasetDict's split
+    image_column: str = "image"
+    label_column: Optional[str] = "label"
+    hf_split: Optional[str] = None
     # synthetic source only
     num_samples: int = positive(2048)
     num_classes: int = positive(8)

@@ -32,7 +32,7 @@ from sslkit.data.synthetic import SyntheticSource
 from sslkit.errors import ConfigError, DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
-SOURCE_NAMES = ("synthetic", "image_folder", "cifar10", "cifar100", "stl10", "imagenet")
+SOURCE_NAMES = ("synthetic", "image_folder", "cifar10", "cifar100", "stl10", "imagenet", "hf")
 SPLITS = ("all", "train", "val")
 
 ImageLike = Union[Image.Image, torch.Tensor]
@@ -479,6 +479,122 @@ class STL10Source:
         return state
 
 
+class HFSource:
+    """A local Hugging Face dataset: a ``save_to_disk`` directory (a ``Dataset``, or a ``DatasetDict`` with
+    ``hf_split`` naming the part), parquet / arrow files (a file, a directory of them, or a glob), or a Hub
+    id whose files are already in the local cache. Nothing is downloaded: the datasets library runs offline
+    (``HF_DATASETS_OFFLINE=1`` is set for the load).
+
+    ``image_column`` holds the images (an ``Image`` feature, read as encoded bytes and decoded here, so a
+    corrupt image fails like any other source's); ``label_column`` the labels (a ``ClassLabel``: its names
+    are the classes; other values: their sorted distinct values), or null for unlabelled data (-1).
+    Rows stay in the dataset's order, so ``data.split`` takes the last ``val_fraction`` of each class.
+    Random access by row (arrow memory-mapped, picklable to workers).
+    """
+
+    def __init__(self, path: str, image_column: str = "image", label_column: Optional[str] = "label",
+                 hf_split: Optional[str] = None) -> None:
+        try:
+            import datasets
+        except ImportError as e:
+            raise ConfigError('data.name=hf needs the datasets library: pip install "sslkit[hf]"') from e
+        self.path = str(path)
+        ds = _load_hf(datasets, self.path, hf_split)
+        for col, what in ((image_column, "data.image_column"), (label_column, "data.label_column")):
+            if col is not None and col not in ds.column_names:
+                raise DataError(f"{what}={col!r} is not a column of {self.path} (columns: {ds.column_names}). "
+                                f"Fix: set {what} to one of them" + (" (or null: unlabelled)" if "label" in what else ""))
+        feature = ds.features[image_column]
+        if not isinstance(feature, datasets.Image):
+            raise DataError(f"data.image_column={image_column!r} of {self.path} is {type(feature).__name__}, not an "
+                            f"Image feature: cast it (ds.cast_column({image_column!r}, datasets.Image())) and save again")
+        self.image_column = image_column
+        self._ds = ds.cast_column(image_column, datasets.Image(decode=False)).select_columns([image_column])
+        if label_column is None:
+            self.classes: list[str] = []
+            self._labels = np.full(len(ds), -1, dtype=np.int64)
+        else:
+            values = ds[label_column]
+            lf = ds.features[label_column]
+            if isinstance(lf, datasets.ClassLabel):
+                self.classes = list(lf.names)
+                self._labels = np.array([-1 if v is None else v for v in values], dtype=np.int64)
+            else:
+                distinct = sorted({v for v in values if v is not None}, key=lambda v: (str(type(v)), v))
+                self.classes = [str(v) for v in distinct]
+                index = {v: k for k, v in enumerate(distinct)}
+                self._labels = np.array([-1 if v is None else index[v] for v in values], dtype=np.int64)
+        if len(self._ds) == 0:
+            raise DataError(f"{self.path} has no rows. Fix: check data.path / data.hf_split")
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def _read(self, i: int) -> bytes:
+        cell = self._ds[int(i)][self.image_column]  # {"bytes": ..., "path": ...}
+        if cell.get("bytes") is not None:
+            return cell["bytes"]
+        try:
+            with open(cell["path"], "rb") as f:
+                return f.read()
+        except (OSError, TypeError) as e:
+            raise UnreadableImageError(_unreadable_msg(self.describe(i), e), self.describe(i)) from e
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        i = int(i)
+        return _decode(self._read(i), self.describe(i)), int(self._labels[i])
+
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def describe(self, i: int) -> str:
+        return f"{self.path}[row {int(i)}]"
+
+    def native_size(self, i: int) -> tuple[int, int]:
+        return _header_size(self._read(int(i)), self.describe(i))
+
+
+def _load_hf(datasets: Any, path: str, hf_split: Optional[str]) -> Any:
+    """The ``Dataset`` at ``path`` (see ``HFSource``), offline."""
+    import glob
+
+    old = os.environ.get("HF_DATASETS_OFFLINE")
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        p = Path(os.path.expanduser(path))
+        files = sorted(glob.glob(str(p))) if any(c in path for c in "*?[") else (
+            sorted(str(f) for f in p.iterdir() if f.suffix in (".parquet", ".arrow")) if p.is_dir() else
+            [str(p)] if p.is_file() else [])
+        if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(p))
+        elif files:
+            kind = "parquet" if files[0].endswith(".parquet") else "arrow"
+            ds = datasets.load_dataset(kind, data_files=files, split="train")
+        elif not p.exists() and "/" in path and not path.startswith((".", "/", "~")):
+            try:  # a Hub id, from the local cache only
+                ds = datasets.load_dataset(path, split=hf_split or "train")
+            except Exception as e:
+                raise DataError(f"data.path={path}: not a local dataset, and the Hub id is not in the local cache "
+                                f"({type(e).__name__}: {e}). Fix: download it on a machine with internet "
+                                f"(datasets.load_dataset({path!r}).save_to_disk(dir)) and set data.path=dir") from e
+            hf_split = None
+        else:
+            raise DataError(f"data.path={path}: no Hugging Face dataset there. Fix: a save_to_disk directory, "
+                            f"parquet / arrow files (a file, a directory of them or a glob), or a cached Hub id")
+    finally:
+        if old is None:
+            os.environ.pop("HF_DATASETS_OFFLINE", None)
+        else:
+            os.environ["HF_DATASETS_OFFLINE"] = old
+    if isinstance(ds, datasets.DatasetDict):
+        if hf_split is None or hf_split not in ds:
+            raise DataError(f"data.path={path} holds the splits {list(ds)}: choose one with data.hf_split=<name>")
+        ds = ds[hf_split]
+    elif hf_split is not None and not files:
+        raise DataError(f"data.hf_split={hf_split!r}: data.path={path} is a single Dataset; set data.hf_split=null")
+    return ds
+
+
 def imagenet_source(root: str) -> ImageFolderSource:
     """ImageNet-1k training images in the standard folder layout ``<root>/train/<wnid>/*.JPEG``."""
     train = Path(root) / "train"
@@ -567,15 +683,18 @@ def build_source(cfg: DataConfig) -> Any:
                 "cifar100": "the folder containing cifar-100-python/",
                 "stl10": "the folder containing stl10_binary/",
                 "imagenet": "the folder containing train/<wnid>/*.JPEG",
+                "hf": "a Hugging Face save_to_disk directory, parquet / arrow files, or a cached Hub id",
             }[name]
             raise DataError(f"data.name={name} needs data.path: set data.path to {where}")
         path = os.path.expanduser(str(cfg.path))
-        if not os.path.exists(path):
+        if name == "hf":
+            src = HFSource(path, str(cfg.image_column), cfg.label_column, cfg.hf_split)
+        elif not os.path.exists(path):
             raise DataError(
                 f"data.path={path} does not exist (data.name={name}). Fix: correct data.path, or use "
                 f"data.name=synthetic for the built-in data"
             )
-        if name == "image_folder":
+        elif name == "image_folder":
             src = ImageFolderSource(path)
         elif name in ("cifar10", "cifar100"):
             src = CIFARSource(name, path)
