@@ -143,3 +143,15 @@ def test_wandb_offline_run_id_survives_resume(tmp_path):
     # wandb names the dir offline-run-<time>-<id>, with a "-<n>" suffix when the resume starts within the same
     # second: what matters is that every dir belongs to the one run id
     assert runs and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{first}(-\d+)?", r) for r in runs), runs
+
+
+def test_data_wait_is_logged_and_warned_about(tmp_path):
+    from sslkit.engine import data_wait_warning
+
+    run_pretrain(compose(tiny("trainer.max_steps=3")), tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["data_wait"] == 0.0  # the first batch (the workers' start-up) is not counted
+    assert all(0.0 <= r["data_wait"] <= 1.0 for r in rows)
+    assert data_wait_warning(0.1, 10, 2) is None and data_wait_warning(0.05, 10, 2) is None
+    msg = data_wait_warning(0.234, 10, 2)
+    assert "23% of the wall time of the last 10 steps" in msg and "data.num_workers (now 2)" in msg

@@ -105,6 +105,16 @@ def build_pictures(cfg: DictConfig, run_dir: Path, log: Optional[RunLogger] = No
                     metrics_path=run_dir / "metrics.jsonl", log_images=log.log_images if log is not None else None)
 
 
+def data_wait_warning(fraction: float, log_every: int, num_workers: int, limit: float = 0.1) -> Optional[str]:
+    """The warning when the step waited on the loader for more than ``limit`` of a logging window's wall time
+    (``fraction``, logged as ``data_wait``), else None."""
+    if not fraction > limit:
+        return None
+    return (f"[sslkit] warning: the step waited on data for {100 * fraction:.0f}% of the wall time of the last "
+            f"{log_every} steps (data_wait in metrics.jsonl): the loader does not keep up; raise data.num_workers "
+            f"(now {num_workers}) or give the job more CPU cores")
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -137,12 +147,21 @@ class Run:
     agree: Optional[Callable[[bool], bool]]  # flag -> any rank's flag (None in one process)
     config: dict[str, Any]  # the resolved plain config (saved in checkpoints and config.yaml)
     step: int  # optimizer steps done
+    start: int = 0  # the step this invocation started (resumed) from
+    data_wait_warned: bool = False
 
     @property
     def stop(self) -> int:
         """The step this invocation ends at (``trainer.stop_after`` ends it early; the schedule still spans the run)."""
         t = self.cfg.trainer.stop_after
         return min(self.derived.total_steps, int(t)) if t is not None else self.derived.total_steps
+
+    def warn_data_wait(self, fraction: float) -> None:
+        """Once per run, on rank 0: ``data_wait_warning``."""
+        msg = data_wait_warning(fraction, int(self.cfg.trainer.log_every), int(self.cfg.data.num_workers))
+        if msg and not self.data_wait_warned and self.dist.is_main:
+            self.data_wait_warned = True
+            print(msg)
 
     def autocast(self) -> AbstractContextManager:
         rt = self.runtime
@@ -228,7 +247,7 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     schedule = OptimSchedule(d.total_steps, d.lr, float(cfg.optim.min_lr), d.warmup_steps,
                              float(cfg.optim.weight_decay), cfg.optim.weight_decay_end)
     return Run(cfg, run_dir, rt, dd, method, torch.compile(fwd) if tc.compile else fwd, opt, scaler, schedule, d,
-               loader, log, online_knn, pictures, preempt, agree, plain, step)
+               loader, log, online_knn, pictures, preempt, agree, plain, step, step)
 
 
 def train(cfg: DictConfig, run_dir: str | Path,
@@ -240,7 +259,7 @@ def train(cfg: DictConfig, run_dir: str | Path,
     tc, method, opt, scaler, dd = cfg.trainer, run.method, run.opt, run.scaler, run.dist
     it: Iterator[dict[str, torch.Tensor]] = iter(run.loader)
     metrics: dict[str, float] = {}
-    t0, imgs = time.perf_counter(), 0
+    t0, imgs, wait = time.perf_counter(), 0, 0.0
     method.train()
     try:
         while run.step < run.stop:
@@ -248,7 +267,9 @@ def train(cfg: DictConfig, run_dir: str | Path,
             apply_schedule(opt, lr, wd)
             terms: dict[str, float] = {}
             for micro in range(int(tc.accum_steps)):
+                tw = time.perf_counter()
                 batch = to_device(next(it), run.runtime.device)
+                wait += time.perf_counter() - tw if run.step > run.start else 0.0  # not the workers' start-up
                 with dd.grad_sync(micro == tc.accum_steps - 1):  # no gradient all-reduce on non-final micro-steps
                     with run.autocast():
                         out = run.fwd(batch)
@@ -268,10 +289,12 @@ def train(cfg: DictConfig, run_dir: str | Path,
             evals = run.online_knn(step, method) if run.online_knn else {}
             if step % tc.log_every == 0 or step == run.stop or evals:
                 dt = time.perf_counter() - t0
-                metrics = {**dd.mean({**terms, **evals}), "lr": lr, "wd": wd, "images_per_s": imgs * dd.world_size /
-                           max(dt, 1e-9), "epoch": step / run.derived.steps_per_epoch}  # rank mean; all ranks' images
-                run.log.log(step, metrics)  # metrics.jsonl, wandb, the progress bar's numbers
-                t0, imgs = time.perf_counter(), 0
+                metrics = {**dd.mean({**terms, **evals, "data_wait": wait / max(dt, 1e-9)}), "lr": lr, "wd": wd,
+                           "images_per_s": imgs * dd.world_size / max(dt, 1e-9),  # rank mean; all ranks' images
+                           "epoch": step / run.derived.steps_per_epoch}
+                run.log.log(step, metrics)  # metrics.jsonl, trackers, the progress bar's numbers
+                run.warn_data_wait(metrics["data_wait"])
+                t0, imgs, wait = time.perf_counter(), 0, 0.0
             if run.pictures:  # every trainer.visualize_every steps and at the end (forked RNG, eval mode restored)
                 run.pictures(step, method, final=step == run.stop)
             run.log.progress(step)
