@@ -148,6 +148,7 @@ class Run:
     config: dict[str, Any]  # the resolved plain config (saved in checkpoints and config.yaml)
     step: int  # optimizer steps done
     start: int = 0  # the step this invocation started (resumed) from
+    waited: float = 0.0  # seconds the loop waited on the loader since the last logging step
     data_wait_warned: bool = False
 
     @property
@@ -155,6 +156,18 @@ class Run:
         """The step this invocation ends at (``trainer.stop_after`` ends it early; the schedule still spans the run)."""
         t = self.cfg.trainer.stop_after
         return min(self.derived.total_steps, int(t)) if t is not None else self.derived.total_steps
+
+    def next_batch(self, it: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The next batch on the device; the time spent waiting for it adds to ``waited`` (not for the first
+        batch of an invocation: the workers' start-up)."""
+        t = time.perf_counter()
+        batch = to_device(next(it), self.runtime.device)
+        self.waited += time.perf_counter() - t if self.step > self.start else 0.0
+        return batch
+
+    def take_wait(self) -> float:
+        waited, self.waited = self.waited, 0.0
+        return waited
 
     def warn_data_wait(self, fraction: float) -> None:
         """Once per run, on rank 0: ``data_wait_warning``."""
@@ -183,6 +196,16 @@ class Run:
                 ckpt_io.prune(path.parent, int(self.cfg.trainer.keep_last), self.cfg.trainer.keep_permanent_every)
         dd.barrier()  # nobody reads the checkpoint before it is complete
         return path
+
+    def end(self, method: Method, finish: Optional[Callable[[Method, int, RunLogger], None]]) -> None:
+        """Close training down (workers stopped, process group gone), then rank 0's ``finish(method, step,
+        log)`` (the summary and pictures) with the run logger still open for the trackers."""
+        self.close(keep_log=True)
+        try:
+            if finish is not None and self.dist.is_main:
+                finish(method, self.step, self.log)
+        finally:
+            self.log.close()
 
     def close(self, keep_log: bool = False) -> None:
         self.preempt.restore()
@@ -252,14 +275,13 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
 
 def train(cfg: DictConfig, run_dir: str | Path,
           finish: Optional[Callable[[Method, int, RunLogger], None]] = None) -> TrainResult:
-    """Train ``cfg`` in ``run_dir`` to the end of its schedule (or ``trainer.stop_after``), checkpointing.
-    ``finish(method, step, log)``: rank 0's end-of-run work (summary, pictures) once training is closed down
-    (workers stopped, process group gone), with the run logger still open for the trackers."""
+    """Train ``cfg`` in ``run_dir`` to the end of its schedule (or ``trainer.stop_after``), checkpointing;
+    then ``finish(method, step, log)`` on rank 0 (``Run.end``)."""
     run = build_run(cfg, run_dir)
     tc, method, opt, scaler, dd = cfg.trainer, run.method, run.opt, run.scaler, run.dist
     it: Iterator[dict[str, torch.Tensor]] = iter(run.loader)
     metrics: dict[str, float] = {}
-    t0, imgs, wait = time.perf_counter(), 0, 0.0
+    t0, imgs = time.perf_counter(), 0
     method.train()
     try:
         while run.step < run.stop:
@@ -267,9 +289,7 @@ def train(cfg: DictConfig, run_dir: str | Path,
             apply_schedule(opt, lr, wd)
             terms: dict[str, float] = {}
             for micro in range(int(tc.accum_steps)):
-                tw = time.perf_counter()
-                batch = to_device(next(it), run.runtime.device)
-                wait += time.perf_counter() - tw if run.step > run.start else 0.0  # not the workers' start-up
+                batch = run.next_batch(it)  # on the device; the wait is timed (data_wait)
                 with dd.grad_sync(micro == tc.accum_steps - 1):  # no gradient all-reduce on non-final micro-steps
                     with run.autocast():
                         out = run.fwd(batch)
@@ -289,12 +309,12 @@ def train(cfg: DictConfig, run_dir: str | Path,
             evals = run.online_knn(step, method) if run.online_knn else {}
             if step % tc.log_every == 0 or step == run.stop or evals:
                 dt = time.perf_counter() - t0
-                metrics = {**dd.mean({**terms, **evals, "data_wait": wait / max(dt, 1e-9)}), "lr": lr, "wd": wd,
+                metrics = {**dd.mean({**terms, **evals, "data_wait": run.take_wait() / max(dt, 1e-9)}), "lr": lr, "wd": wd,
                            "images_per_s": imgs * dd.world_size / max(dt, 1e-9),  # rank mean; all ranks' images
                            "epoch": step / run.derived.steps_per_epoch}
                 run.log.log(step, metrics)  # metrics.jsonl, trackers, the progress bar's numbers
                 run.warn_data_wait(metrics["data_wait"])
-                t0, imgs, wait = time.perf_counter(), 0, 0.0
+                t0, imgs = time.perf_counter(), 0
             if run.pictures:  # every trainer.visualize_every steps and at the end (forked RNG, eval mode restored)
                 run.pictures(step, method, final=step == run.stop)
             run.log.progress(step)
@@ -309,10 +329,5 @@ def train(cfg: DictConfig, run_dir: str | Path,
     except BaseException:
         run.close()
         raise
-    run.close(keep_log=True)
-    try:
-        if finish is not None and dd.is_main:
-            finish(method, run.step, run.log)
-    finally:
-        run.log.close()
+    run.end(method, finish)
     return TrainResult(run.run_dir, run.step, run.derived, metrics, method, dd.is_main)
