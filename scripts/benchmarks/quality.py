@@ -313,5 +313,5 @@ def quality(args: argparse.Namespace) -> list[dict[str, Any]]:
                                   "eval": "kNN k=20 T=0.07 + linear probe, val split 5000"})
     png = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
     if png:
-        print(f"[quality] curves: {plot(rows, png, title=f'CIFAR-10 val, {data}')}")
+        print(f"[quality] curves: {plot(rows, png, title=f'CIFAR-10 val split, {Path(data).name}')}")
     return rows
