@@ -170,8 +170,12 @@ class Run:
         return waited
 
     def warn_data_wait(self, fraction: float) -> None:
-        """Once per run, on rank 0: ``data_wait_warning``."""
-        msg = data_wait_warning(fraction, int(self.cfg.trainer.log_every), int(self.cfg.data.num_workers))
+        """Once per run, on rank 0: ``data_wait_warning``. Not for a CPU run without workers: there the loading
+        runs in the training process on the cores the step uses, so its share is loading, not idle waiting."""
+        workers = int(self.cfg.data.num_workers)
+        if workers == 0 and self.runtime.device.type == "cpu":
+            return
+        msg = data_wait_warning(fraction, int(self.cfg.trainer.log_every), workers)
         if msg and not self.data_wait_warned and self.dist.is_main:
             self.data_wait_warned = True
             print(msg)
