@@ -114,7 +114,31 @@ def _class_names(dirs: list[str], root_name: str) -> dict[str, str]:
     return out
 
 
-class ImageFolderSource:
+class _EncodedSource:
+    """A source of encoded image files: subclasses give ``_read(i) -> bytes``, ``describe(i)`` and ``_labels``;
+    decoding, labels and the header size are shared."""
+
+    _labels: np.ndarray
+
+    def _read(self, i: int) -> bytes:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        i = int(i)
+        return _decode(self._read(i), self.describe(i)), int(self._labels[i])
+
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def native_size(self, i: int) -> tuple[int, int]:
+        i = int(i)
+        return _header_size(self._read(i), self.describe(i))
+
+
+class ImageFolderSource(_EncodedSource):
     """A class-per-folder tree of images, on disk or inside an uncompressed ``.tar`` (read in place).
 
     Class folders are the directories that directly contain images (any wrapper prefix is allowed);
@@ -184,20 +208,9 @@ class ImageFolderSource:
         except OSError as e:
             raise UnreadableImageError(_unreadable_msg(name, e), name) from e
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        i = int(i)
-        return _decode(self._read(i), self.describe(i)), int(self._labels[i])
-
-    def labels(self) -> np.ndarray:
-        return self._labels
-
     def describe(self, i: int) -> str:
         sep = "::" if self.is_tar else "/"
         return f"{self.path}{sep}{self.name(i)}"
-
-    def native_size(self, i: int) -> tuple[int, int]:
-        i = int(i)
-        return _header_size(self._read(i), self.describe(i))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -479,7 +492,7 @@ class STL10Source:
         return state
 
 
-class HFSource:
+class HFSource(_EncodedSource):
     """A local Hugging Face dataset: a ``save_to_disk`` directory (a ``Dataset``, or a ``DatasetDict`` with
     ``hf_split`` naming the part), parquet / arrow files (a file, a directory of them, or a glob), or a Hub
     id whose files are already in the local cache. Nothing is downloaded: the datasets library runs offline
@@ -540,18 +553,8 @@ class HFSource:
         except (OSError, TypeError) as e:
             raise UnreadableImageError(_unreadable_msg(self.describe(i), e), self.describe(i)) from e
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        i = int(i)
-        return _decode(self._read(i), self.describe(i)), int(self._labels[i])
-
-    def labels(self) -> np.ndarray:
-        return self._labels
-
     def describe(self, i: int) -> str:
         return f"{self.path}[row {int(i)}]"
-
-    def native_size(self, i: int) -> tuple[int, int]:
-        return _header_size(self._read(int(i)), self.describe(i))
 
 
 def _load_hf(datasets: Any, path: str, hf_split: Optional[str]) -> Any:
