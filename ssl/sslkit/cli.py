@@ -5,6 +5,7 @@
     sslkit-eval knn|linear checkpoint=<ckpt> [...]  configs/eval_{knn,linear}.yaml -> evaluation.eval_*
     sslkit-export checkpoint=<ckpt> [out=<dir>]  configs/export.yaml       -> export.export
     sslkit-visualize checkpoint=<ckpt> [out=<dir>]  configs/visualize.yaml -> tasks.visualize_checkpoint
+    sslkit-data shard data=<group> out=<dir>     configs/shard.yaml        -> data.shards.write_shards
 
 ``--help`` on any of them lists every key with its default. Errors a user can cause (config, data,
 checkpoint) print ``[sslkit] error: ...`` with the fix and exit 2; a preempted run exits 128 + signum
@@ -191,3 +192,44 @@ def _visualize(cfg: DictConfig) -> None:
 def visualize_main(argv: Optional[list[str]] = None) -> None:
     _checked_app("visualize", _hydra_visualize, sys.argv[1:] if argv is None else list(argv), VisualizeConfig,
                  "sslkit-visualize", VISUALIZE_USAGE)
+
+
+# ----------------------------------------------------------------------------------------- data
+DATA_USAGE = ("usage: sslkit-data shard data=<group> data.path=... out=<dir> [shard_size=10000] [split=train] "
+              "[val=true] [shuffle=true] [seed=0]   (sslkit-data shard --help: every key)")
+
+
+def _shard(cfg: DictConfig) -> None:
+    import copy
+
+    from sslkit.data import build_source
+    from sslkit.data.shards import write_shards
+
+    if OmegaConf.is_missing(cfg, "out"):
+        raise ConfigError(f"sslkit-data shard needs out=<dir>\n{DATA_USAGE}")
+    splits = [str(cfg.split)] + (["val"] if cfg.val and str(cfg.split) == "train" else [])
+    for split in splits:
+        data_cfg = copy.deepcopy(cfg.data)
+        data_cfg.split = split
+        source = build_source(data_cfg)
+        index = write_shards(source, cfg.out, shard_size=int(cfg.shard_size), prefix=split, shuffle=bool(cfg.shuffle),
+                             seed=int(cfg.seed), max_shard_bytes=float(cfg.max_shard_bytes), progress=bool(cfg.progress))
+        n = sum(s["nsamples"] for s in index["shardlist"])
+        print(f"[sslkit] {split}: {n} samples in {len(index['shardlist'])} shards -> {cfg.out}/{split}-index.json "
+              f"(data=webdataset data.path={cfg.out}/{split}-index.json)")
+
+
+def _hydra_shard(cfg: DictConfig) -> None:
+    _guarded(lambda: _shard(validate(cfg)))
+
+
+def data_main(argv: Optional[list[str]] = None) -> None:
+    from sslkit.schemas import ShardConfig
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != "shard":
+        if argv and argv[0] in ("-h", "--help"):
+            print(DATA_USAGE)
+            return
+        _fail(ConfigError(f"{f'unknown subcommand {argv[0]!r}; ' if argv else ''}{DATA_USAGE}"))
+    _checked_app("shard", _hydra_shard, argv[1:], ShardConfig, "sslkit-data shard", DATA_USAGE)

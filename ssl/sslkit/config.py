@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from sslkit.errors import ConfigError
 from sslkit.methods import METHODS
 from sslkit.schemas import (DataConfig, EvalKNNConfig, EvalLinearConfig, ExportConfig, FinetuneConfig, LoggerConfig,
-                            MethodConfig, ModelConfig, MultiCropViewConfig, OptimConfig, PretrainConfig, TrainerConfig,
+                            MethodConfig, ModelConfig, MultiCropViewConfig, OptimConfig, PretrainConfig, ShardConfig,
+                            TrainerConfig,
                             ViewConfig, VisualizeConfig, WandbConfig, validate)
 
 __all__ = ["ComposeError", "DataConfig", "Derived", "LoggerConfig", "MethodConfig", "ModelConfig", "MultiCropViewConfig",
@@ -32,7 +33,7 @@ __all__ = ["ComposeError", "DataConfig", "Derived", "LoggerConfig", "MethodConfi
 
 PRIMARY = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval_knn": EvalKNNConfig,
            "eval_linear": EvalLinearConfig, "export": ExportConfig,
-           "visualize": VisualizeConfig}  # config name -> schema (configs/<name>.yaml)
+           "visualize": VisualizeConfig, "shard": ShardConfig}  # config name -> schema (configs/<name>.yaml)
 
 
 # ${sslkit.or:a,b}: a unless it is null, else b (e.g. sweep subdirs: the experiment's name, else the method's).

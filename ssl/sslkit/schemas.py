@@ -65,6 +65,7 @@ class SourceName(Choice):
     stl10 = "stl10"
     imagenet = "imagenet"
     hf = "hf"
+    webdataset = "webdataset"
 
 
 class Split(Choice):
@@ -238,7 +239,7 @@ class MultiCropViewConfig:
 @dataclass
 class DataConfig:
     name: SourceName = SourceName.synthetic
-    path: Optional[str] = None  # folder, uncompressed .tar, or torchvision root
+    path: Optional[str] = None  # folder, uncompressed .tar, torchvision root, HF dataset, WebDataset shards
     split: Split = Split.all  # all | train | val: per class, the last val_fraction of sorted files are val
     val_fraction: float = checked(0.1, between(0.0, 1.0))  # CIFAR-10 tar: images 4500-4999 of each class = val
     batch_size: int = positive(32)  # per device, per micro-step
@@ -252,6 +253,8 @@ class DataConfig:
     image_column: str = "image"
     label_column: Optional[str] = "label"
     hf_split: Optional[str] = None
+    # webdataset source only (data=webdataset): the member with the label (cls | json:<field> | null)
+    label_key: Optional[str] = "cls"
     # synthetic source only
     num_samples: int = positive(2048)
     num_classes: int = positive(8)
@@ -421,6 +424,21 @@ class ExportConfig:
     checkpoint: str = MISSING
     out: Optional[str] = None  # default: <run dir>/export
     model: Optional[str] = None  # the sslkit model to build, for a foreign checkpoint (e.g. sslkit_pvt_small)
+
+
+@dataclass
+class ShardConfig:
+    """``sslkit-data shard``: write a source's ``split`` as WebDataset shards (``data=webdataset`` reads them)."""
+
+    data: DataConfig = field(default_factory=DataConfig)  # the source: data=<group> data.path=...
+    out: str = MISSING  # the shard directory
+    split: Split = Split.train  # what goes in the shards; train keeps the val split (data.val_fraction) out
+    val: bool = True  # also write the val split as <out>/val-*.tar (its own index), for evaluation
+    shard_size: int = positive(10000)  # samples per shard (at most)
+    max_shard_bytes: float = positive(3e9)  # bytes per shard (at most)
+    shuffle: bool = True  # write in a seeded random order (streaming readers see mixed classes)
+    seed: int = 0
+    progress: bool = True
 
 
 @dataclass

@@ -21,7 +21,7 @@ import os
 import posixpath
 import tarfile
 from pathlib import Path
-from typing import Any, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from sslkit.data.synthetic import SyntheticSource
 from sslkit.errors import ConfigError, DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
-SOURCE_NAMES = ("synthetic", "image_folder", "cifar10", "cifar100", "stl10", "imagenet", "hf")
+SOURCE_NAMES = ("synthetic", "image_folder", "cifar10", "cifar100", "stl10", "imagenet", "hf", "webdataset")
 SPLITS = ("all", "train", "val")
 
 ImageLike = Union[Image.Image, torch.Tensor]
@@ -251,8 +251,9 @@ _COMPRESSED_MAGIC = {
 TarIndex = tuple[list[str], list[int], list[int]]  # image member names, data offsets, sizes
 
 
-def _index_tar(path: Path, what: str) -> TarIndex:
-    """One pass over the tar headers -> (names, data offsets, sizes) of the image members."""
+def _index_tar(path: Path, what: str, keep: Callable[[str], bool] = _is_image) -> TarIndex:
+    """One pass over the tar headers -> (names, data offsets, sizes) of the regular-file members whose
+    name passes ``keep`` (default: images), in archive order."""
     with open(path, "rb") as f:
         head = f.read(6)
     for magic, (kind, cmd) in _COMPRESSED_MAGIC.items():
@@ -263,8 +264,8 @@ def _index_tar(path: Path, what: str) -> TarIndex:
                 f"extract it to a folder"
             )
     try:
-        fast = _index_tar_fast(path)
-        return fast if fast is not None else _index_tar_tarfile(path)
+        fast = _index_tar_fast(path, keep)
+        return fast if fast is not None else _index_tar_tarfile(path, keep)
     except (tarfile.TarError, ValueError) as e:
         raise DataError(
             f"{what}={path} is not a readable tar ({e}). Fix: point {what} to a class-per-folder "
@@ -272,7 +273,7 @@ def _index_tar(path: Path, what: str) -> TarIndex:
         ) from e
 
 
-def _index_tar_fast(path: Path) -> Optional[TarIndex]:
+def _index_tar_fast(path: Path, keep: Callable[[str], bool] = _is_image) -> Optional[TarIndex]:
     """Header walk over a memory map: ustar / pax / GNU long names, ~10x faster than ``tarfile``.
 
     Returns None for anything else (v7 tars, sparse files, base-256 sizes): use ``tarfile`` then.
@@ -318,7 +319,7 @@ def _index_tar_fast(path: Path) -> Optional[TarIndex]:
             pending = {}
             if kind in (b"0", b"\0", b"7"):
                 name = raw.decode("utf-8", "surrogateescape").removeprefix("./")
-                if _is_image(name):
+                if keep(name):
                     names.append(name)
                     offsets.append(data)
                     sizes.append(size)
@@ -338,7 +339,7 @@ def _pax_records(buf: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _index_tar_tarfile(path: Path) -> TarIndex:
+def _index_tar_tarfile(path: Path, keep: Callable[[str], bool] = _is_image) -> TarIndex:
     """The same index through ``tarfile`` (any format it reads)."""
     names: list[str] = []
     offsets: list[int] = []
@@ -350,7 +351,7 @@ def _index_tar_tarfile(path: Path) -> TarIndex:
                 break
             tf.members = []  # don't keep every TarInfo (ImageNet has 1.28M members)
             name = m.name.removeprefix("./")
-            if m.isfile() and not m.issparse() and _is_image(name):
+            if m.isfile() and not m.issparse() and keep(name):
                 names.append(name)
                 offsets.append(m.offset_data)
                 sizes.append(m.size)
@@ -687,11 +688,17 @@ def build_source(cfg: DataConfig) -> Any:
                 "stl10": "the folder containing stl10_binary/",
                 "imagenet": "the folder containing train/<wnid>/*.JPEG",
                 "hf": "a Hugging Face save_to_disk directory, parquet / arrow files, or a cached Hub id",
+                "webdataset": "the shards: a brace pattern (/data/train-{000000..000099}.tar), a glob, a "
+                              "directory or an index .json",
             }[name]
             raise DataError(f"data.name={name} needs data.path: set data.path to {where}")
         path = os.path.expanduser(str(cfg.path))
         if name == "hf":
             src = HFSource(path, str(cfg.image_column), cfg.label_column, cfg.hf_split)
+        elif name == "webdataset":
+            from sslkit.data.shards import WebDatasetSource
+
+            src = WebDatasetSource(path.split("::"), cfg.label_key)
         elif not os.path.exists(path):
             raise DataError(
                 f"data.path={path} does not exist (data.name={name}). Fix: correct data.path, or use "
