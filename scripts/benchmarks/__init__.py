@@ -103,7 +103,7 @@ def print_table(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks import dinov2, dropblock, quality, umae  # noqa: F401  (registers)
+    from benchmarks import dinov2, dropblock, loader, quality, umae  # noqa: F401  (registers)
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("name", choices=sorted(BENCHMARKS))
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--finetune-epochs", type=float, default=0,
                    help="(quality) fine-tune the last UM-MAE checkpoint and from scratch for N epochs (0: skip)")
     p.add_argument("--finetune-override", action="append", help="(quality) extra fine-tuning override, repeatable")
+    p.add_argument("--images", type=int, default=None, help="(loader) how many 500x375 JPEGs to generate (default 2000)")
+    p.add_argument("--rounds", type=int, default=3, help="(loader) round-robin passes over the variants (median kept)")
     p.add_argument("--plot", default=None, help="(quality) the curves' PNG (default: --out with .png)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -246,3 +246,31 @@ def test_eval_loader(num_workers: int) -> None:
     assert batches[0]["images"].shape == (4, 3, 24, 24) and batches[0]["images"].dtype == torch.float32
     again = list(build_eval_loader(src, cfg, 24, batch_size=5, num_workers=0))
     assert torch.equal(torch.cat([b["images"] for b in batches]), torch.cat([b["images"] for b in again]))
+
+
+def test_mae_view_crops_first_with_torchvision_pixels_and_draws() -> None:
+    """The MAE view crops a PIL image before it becomes a tensor: the same pixels and random draws as
+    torchvision's ToImage -> RandomResizedCrop -> flip -> ToDtype -> Normalize, for PIL and tensor inputs."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from sslkit.data.views import build_mae_view, interpolation
+
+    vc = ViewConfig(size=32, scale=(0.2, 1.0), interpolation="bicubic")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ours = build_mae_view(vc, mean, std)
+    ref = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(32, scale=(0.2, 1.0), ratio=tuple(vc.ratio),
+                                                         interpolation=interpolation("bicubic"), antialias=True),
+                      v2.RandomHorizontalFlip(vc.hflip), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    rng = np.random.default_rng(0)
+    for k in range(20):
+        h, w = (int(v) for v in rng.integers(12, 90, 2))
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for img in (Image.fromarray(arr), Image.fromarray(arr).convert("P"), torch.from_numpy(arr).permute(2, 0, 1)):
+            torch.manual_seed(k)
+            a, after_a = ours(img), torch.rand(1)
+            torch.manual_seed(k)
+            b, after_b = ref(img.convert("RGB") if isinstance(img, Image.Image) else img), torch.rand(1)
+            assert type(a) is torch.Tensor and a.shape == (3, 32, 32)
+            assert torch.equal(a, b.as_subclass(torch.Tensor)) and torch.equal(after_a, after_b), (k, h, w)
