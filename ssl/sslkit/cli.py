@@ -21,12 +21,12 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from sslkit.config import config_dir, register_configs, validate
-from sslkit.errors import ConfigError, SSLKitError
+from sslkit.errors import ConfigError, ErrorExit, SSLKitError
 from sslkit.evaluation import eval_knn, eval_linear
 from sslkit.export import export
 from sslkit.preemption import Preempted
 from sslkit.schemas import EvalKNNConfig, EvalLinearConfig, ExportConfig, VisualizeConfig
-from sslkit.tasks import run_finetune, run_pretrain, visualize_checkpoint
+from sslkit.tasks import pretrain_objective, run_finetune, run_pretrain, visualize_checkpoint
 
 EVAL_USAGE = (
     "usage: sslkit-eval knn checkpoint=<ckpt> [model=<sslkit model>] [data=<group> data.path=...] [k=20] [t=0.07] "
@@ -43,13 +43,13 @@ VISUALIZE_USAGE = ("usage: sslkit-visualize checkpoint=<run>/checkpoints/last.pt
 
 def _fail(e: SSLKitError) -> None:
     print(f"\n[sslkit] error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise ErrorExit(e)  # exit 2 (a SystemExit a sweeper can tell from a preemption's)
 
 
-def _guarded(body: Callable[[], Any]) -> None:
-    """Run a command's body: user errors exit 2 with the message, a preemption with its exit code / requeue."""
+def _guarded(body: Callable[[], Any]) -> Any:
+    """Run a command's body, return its value: user errors exit 2 with the message, a preemption its code / requeue."""
     try:
-        body()
+        return body()
     except Preempted as e:  # checkpoint written: submitit requeues, else exit 128 + signum
         e.exit()
     except SSLKitError as e:
@@ -63,8 +63,8 @@ def _run_dir(cfg: DictConfig) -> str:
 
 
 # Hydra task functions (module-level: launchers such as submitit pickle them by reference)
-def _hydra_pretrain(cfg: DictConfig) -> None:
-    _guarded(lambda: run_pretrain(validate(cfg), _run_dir(cfg)))
+def _hydra_pretrain(cfg: DictConfig) -> Optional[float]:  # trainer.objective's value: a sweeper's (optuna_sweep)
+    return _guarded(lambda: pretrain_objective(cfg, run_pretrain(validate(cfg), _run_dir(cfg))))
 
 
 def _hydra_finetune(cfg: DictConfig) -> None:
@@ -215,7 +215,7 @@ def _shard(cfg: DictConfig) -> None:
         index = write_shards(source, cfg.out, shard_size=int(cfg.shard_size), prefix=split, shuffle=bool(cfg.shuffle),
                              seed=int(cfg.seed), max_shard_bytes=float(cfg.max_shard_bytes), progress=bool(cfg.progress))
         n = sum(s["nsamples"] for s in index["shardlist"])
-        print(f"[sslkit] {split}: {n} samples in {len(index['shardlist'])} shards -> {cfg.out}/{split}-index.json "
+        print(f"[sslkit] {split}: {n} samples in {len(index['shardlist'])} shard(s) -> {cfg.out}/{split}-index.json "
               f"(data=webdataset data.path={cfg.out}/{split}-index.json)")
 
 
@@ -232,4 +232,7 @@ def data_main(argv: Optional[list[str]] = None) -> None:
             print(DATA_USAGE)
             return
         _fail(ConfigError(f"{f'unknown subcommand {argv[0]!r}; ' if argv else ''}{DATA_USAGE}"))
-    _checked_app("shard", _hydra_shard, argv[1:], ShardConfig, "sslkit-data shard", DATA_USAGE)
+    rest = argv[1:]
+    if not any(a.lstrip("+~").startswith("data=") for a in rest):  # data.path=... alone: an image folder / tar
+        rest = ["data=image_folder", *rest]
+    _checked_app("shard", _hydra_shard, rest, ShardConfig, "sslkit-data shard", DATA_USAGE)

@@ -40,7 +40,7 @@ def cifar_tar(tmp_path: Path) -> Path:
 @pytest.fixture
 def shards(cifar_tar: Path, tmp_path: Path) -> Path:
     out = tmp_path / "shards"
-    data_main(["shard", "data=image_folder", f"data.path={cifar_tar}", f"out={out}", "shard_size=5",
+    data_main(["shard", f"data.path={cifar_tar}", f"out={out}", "shard_size=5",  # no data=: an image folder / tar
                "data.val_fraction=0.2", "progress=false"])
     return out
 
