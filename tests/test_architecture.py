@@ -114,11 +114,12 @@ def test_cli_holds_entry_points_only():
     from sslkit import cli
 
     src = inspect.getsource(cli)
-    assert len(src.splitlines()) <= 200
+    assert len(src.splitlines()) <= 220
     tree = ast.parse(src)
     assert not [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
     public = sorted(n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_"))
-    assert public == ["check_keys", "eval_main", "export_main", "finetune_main", "pretrain_main", "visualize_main"]
+    assert public == ["check_keys", "data_main", "eval_main", "export_main", "finetune_main", "pretrain_main",
+                      "visualize_main"]
 
 
 def test_the_loop_reads_at_once():

@@ -22,7 +22,7 @@ def test_wheel_contains_configs(tmp_path):
     (whl,) = tmp_path.glob("sslkit-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
     for group in ("method/umae.yaml", "model/sslkit_pvt_small.yaml", "experiment/umae_demo.yaml", "pretrain.yaml",
-                  "finetune.yaml", "eval_knn.yaml", "eval_linear.yaml", "export.yaml"):
+                  "finetune.yaml", "eval_knn.yaml", "eval_linear.yaml", "export.yaml", "shard.yaml", "data/webdataset.yaml"):
         assert f"sslkit/configs/{group}" in names
     assert "sslkit/models/pvt.py" in names and not any(n.startswith("ssl/") for n in names)
     sources = {str(p.relative_to(ROOT / "ssl")) for p in (ROOT / "ssl" / "sslkit").rglob("*.py")}
@@ -35,5 +35,5 @@ def test_benchmark_script_lists_every_benchmark():
     them fails here, not in the next benchmark run)."""
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--help"], capture_output=True,
                          text=True, check=True, cwd="/").stdout
-    for name in ("umae", "dinov2", "dropblock", "quality"):
+    for name in ("umae", "dinov2", "dropblock", "quality", "loader"):
         assert name in out

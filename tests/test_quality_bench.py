@@ -103,9 +103,23 @@ def test_budgets_are_checked():
             quality.parse_budgets(bad)
 
 
-def test_the_peer_trains_in_sslkit_loop_from_sslkit_init(tmp_path, data):
+@pytest.fixture
+def peer():
+    """benchmarks.peer, whose method (lightly_dinov2) is unregistered afterwards: Hydra hands its ConfigStore to
+    launcher jobs (submitit pickles it), and a job process cannot import scripts/benchmarks."""
     pytest.importorskip("lightly")
+    from hydra.core.config_store import ConfigStore
+
     from benchmarks import peer
+    from sslkit.methods import METHODS
+
+    METHODS.setdefault(peer.LightlyDINOv2.name, peer.LightlyDINOv2)  # registered on first import only
+    yield peer
+    METHODS.pop(peer.LightlyDINOv2.name, None)
+    ConfigStore.instance().repo.get("method", {}).pop(f"{peer.LightlyDINOv2.name}_schema.yaml", None)
+
+
+def test_the_peer_trains_in_sslkit_loop_from_sslkit_init(tmp_path, data, peer):
     from sslkit.methods import build_method
 
     cfg = quality.pretrain_config("lightly", str(data), 1, TINY)

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch

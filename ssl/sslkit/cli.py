@@ -25,8 +25,8 @@ from sslkit.errors import ConfigError, ErrorExit, SSLKitError
 from sslkit.evaluation import eval_knn, eval_linear
 from sslkit.export import export
 from sslkit.preemption import Preempted
-from sslkit.schemas import EvalKNNConfig, EvalLinearConfig, ExportConfig, VisualizeConfig
-from sslkit.tasks import pretrain_objective, run_finetune, run_pretrain, visualize_checkpoint
+from sslkit.schemas import EvalKNNConfig, EvalLinearConfig, ExportConfig, ShardConfig, VisualizeConfig
+from sslkit.tasks import pretrain_objective, run_finetune, run_pretrain, visualize_checkpoint, write_shard_splits
 
 EVAL_USAGE = (
     "usage: sslkit-eval knn checkpoint=<ckpt> [model=<sslkit model>] [data=<group> data.path=...] [k=20] [t=0.07] "
@@ -199,33 +199,11 @@ DATA_USAGE = ("usage: sslkit-data shard data=<group> data.path=... out=<dir> [sh
               "[val=true] [shuffle=true] [seed=0]   (sslkit-data shard --help: every key)")
 
 
-def _shard(cfg: DictConfig) -> None:
-    import copy
-
-    from sslkit.data import build_source
-    from sslkit.data.shards import write_shards
-
-    if OmegaConf.is_missing(cfg, "out"):
-        raise ConfigError(f"sslkit-data shard needs out=<dir>\n{DATA_USAGE}")
-    splits = [str(cfg.split)] + (["val"] if cfg.val and str(cfg.split) == "train" else [])
-    for split in splits:
-        data_cfg = copy.deepcopy(cfg.data)
-        data_cfg.split = split
-        source = build_source(data_cfg)
-        index = write_shards(source, cfg.out, shard_size=int(cfg.shard_size), prefix=split, shuffle=bool(cfg.shuffle),
-                             seed=int(cfg.seed), max_shard_bytes=float(cfg.max_shard_bytes), progress=bool(cfg.progress))
-        n = sum(s["nsamples"] for s in index["shardlist"])
-        print(f"[sslkit] {split}: {n} samples in {len(index['shardlist'])} shard(s) -> {cfg.out}/{split}-index.json "
-              f"(data=webdataset data.path={cfg.out}/{split}-index.json)")
-
-
 def _hydra_shard(cfg: DictConfig) -> None:
-    _guarded(lambda: _shard(validate(cfg)))
+    _guarded(lambda: write_shard_splits(validate(cfg), DATA_USAGE))
 
 
 def data_main(argv: Optional[list[str]] = None) -> None:
-    from sslkit.schemas import ShardConfig
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] != "shard":
         if argv and argv[0] in ("-h", "--help"):

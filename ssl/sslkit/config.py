@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
 from hydra.errors import ConfigCompositionException
+from hydra_plugins.sslkit_optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from sslkit.errors import ConfigError
@@ -51,7 +53,9 @@ def config_dir() -> str:
 
 
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore (again on every call: methods registered since are added)."""
+    """Store the schemas in Hydra's ConfigStore (again on every call: methods registered since are added) and
+    register sslkit's sweeper (hydra/sweeper=optuna) with Hydra, whose plugin scan misses it in an editable install."""
+    Plugins.instance().register(OptunaSweeper)
     cs = ConfigStore.instance()
     for name, schema in PRIMARY.items():
         cs.store(name=f"{name}_schema", node=schema)

@@ -23,3 +23,12 @@ class CheckpointError(SSLKitError, RuntimeError):
 
 class TrainingError(SSLKitError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss)."""
+
+
+class ErrorExit(SystemExit):
+    """A command's exit (status 2) after it printed the user error ``error``. A ``SystemExit``, so a command
+    exits 2; a sweeper tells it from other exits (a preemption's) and records the trial as failed."""
+
+    def __init__(self, error: SSLKitError) -> None:
+        super().__init__(2)
+        self.error = error

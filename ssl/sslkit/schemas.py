@@ -104,6 +104,17 @@ class WandbMode(Choice):
     disabled = "disabled"
 
 
+class Objective(Choice):
+    """What a run reports as its objective (``trainer.objective``; ``tasks.pretrain_objective``)."""
+
+    knn_top1 = "knn_top1"  # the summary's kNN top-1 of the pretrained encoder (else the last online kNN)
+    linear_top1 = "linear_top1"  # the summary's linear-probe top-1 of the pretrained encoder
+    loss = "loss"  # the mean training loss over the last 10% of the steps (metrics.jsonl)
+
+
+OBJECTIVE_DIRECTIONS = {"knn_top1": "maximize", "linear_top1": "maximize", "loss": "minimize"}  # a sweep's default
+
+
 # ----------------------------------------------------------------------------------------- ranges
 @dataclass(frozen=True)
 class Check:
@@ -339,6 +350,19 @@ class TrainerConfig:
     knn_train_samples: int = positive(4000)  # the eval split's size for online kNN and the summary (even
     knn_val_samples: int = positive(1000)  # stride per class, evaluation.eval_sources; 1000: +-1.5 points)
     visualize_every: Optional[int] = positive(None)  # pictures (+ curves.png) in <run_dir>/pictures every N steps; None = off
+    # the value the run returns (to a sweeper: hydra/sweeper=optuna): knn_top1 | linear_top1 (the end-of-run
+    # summary's, of the pretrained encoder; knn_top1 without summary: the last online kNN) | loss (the mean
+    # training loss of the last 10% of the steps); None = none
+    objective: Optional[Objective] = None
+
+    @staticmethod
+    def cross_checks(node: DictConfig) -> Iterator[str]:
+        objective = node.get("objective")
+        if objective == "linear_top1" and not node.get("summary"):
+            yield "objective=linear_top1: the linear probe is the end-of-run summary's: set trainer.summary=true"
+        if objective == "knn_top1" and not node.get("summary") and not node.get("knn_every"):
+            yield ("objective=knn_top1: needs the end-of-run summary (trainer.summary=true) or online kNN "
+                   "(trainer.knn_every=N)")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The one data pipeline: sources -> views -> batches (+ masks, made in the workers).
 
 - ``build_source(cfg)``: synthetic (default), image_folder (directory or uncompressed .tar),
-  cifar10 / cifar100 / stl10 / imagenet (offline).
+  cifar10 / cifar100 / stl10 / imagenet (offline), hf (Hugging Face), webdataset (tar shards,
+  ``data/shards.py``, with the shard writer ``write_shards``).
 - ``build_pretrain_loader(source, cfg, view, mask_fn, seed=...)``: endless, deterministic,
   exactly resumable batches ``{"images", "labels", "index", **masks}`` (multi-crop views:
   ``{"global_crops", "local_crops", "labels", "index", **masks}``, crops view-major).
@@ -18,9 +19,10 @@ from sslkit.data.sources import (
     STL10Source,
     SubsetSource,
     UnreadableImageError,
-    build_source,
     split_indices,
 )
+from sslkit.data.build import build_source
+from sslkit.data.shards import WebDatasetSource, write_shards
 from sslkit.data.synthetic import SyntheticSource
 from sslkit.data.views import VIEWS, build_eval_view, build_mae_view, build_multicrop_view, build_view
 
@@ -40,6 +42,8 @@ __all__ = [
     "CIFARSource",
     "STL10Source",
     "SubsetSource",
+    "WebDatasetSource",
+    "write_shards",
     "UnreadableImageError",
     "split_indices",
     "derive_seed",
