@@ -18,7 +18,8 @@ variants run round-robin ``--rounds`` times (default 3) and the median is kept.
 
 Rows per (view, variant): ``img_per_s_worker``, ``x_baseline`` (over ``torchvision_imagefolder``) and, for
 the MAE view, ``cores_per_gpu`` at the UM-MAE paper's pace (PVT-S, 200 ImageNet epochs in 21.3 h on 8 GPUs
-= 3,341 img/s = 418 img/s per GPU). Plus ``draft_share`` (the share of MAE crops downsampled >= 2x on both
+= 3,341 img/s = 418 img/s per GPU). Plus ``parts`` (median ms per image of the MAE view's decode, the baseline's PIL crop + resize, sslkit's
+crop + tensor resize, and the per-batch float + normalize), ``draft_share`` (the share of MAE crops downsampled >= 2x on both
 sides, where decoding at reduced size would apply) and, with webdataset / wids installed, the raw
 sample-read rate (bytes, no decode) of sslkit's shard reader, wids' random access and webdataset's stream.
 """
@@ -195,6 +196,49 @@ def _draft_share(n: int = 100_000) -> float:
     return hits / n
 
 
+def _components(folder: str, n: int = 300) -> dict[str, float]:
+    """Median ms per image of the MAE view's parts on the first ``n`` images (1 thread): the decode, the
+    baseline's crop + resize on PIL (+ ToImage), sslkit's crop to the box + tensor resize (``MAEView.crops``),
+    and the per-batch float + normalize (``MAEView.finish``, per image of a batch of 64)."""
+    torch.set_num_threads(1)
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from sslkit.config import compose
+    from sslkit.data.views import build_mae_view, interpolation
+
+    cfg = compose(VIEWS["mae_224"])
+    vc = cfg.method.view
+    view = build_mae_view(vc, cfg.data.mean, cfg.data.std)
+    pil_rrc = v2.Compose([v2.RandomResizedCrop(int(vc.size), scale=tuple(vc.scale), ratio=tuple(vc.ratio),
+                                               interpolation=interpolation(vc.interpolation), antialias=True),
+                          v2.ToImage()])
+    files = sorted(Path(folder).rglob("*.jpg"))[:n]
+    data = [f.read_bytes() for f in files]
+
+    def decode(b: bytes) -> Any:
+        im = Image.open(io.BytesIO(b))
+        im.load()
+        return im
+
+    images = [decode(b) for b in data]
+    out: dict[str, list[float]] = {"decode_ms": [], "pil_crop_resize_ms": [], "sslkit_crop_resize_ms": []}
+    torch.manual_seed(0)
+    for b, im in zip(data, images):
+        for key, fn, arg in (("decode_ms", decode, b), ("pil_crop_resize_ms", pil_rrc, im),
+                             ("sslkit_crop_resize_ms", view.crops, im)):
+            t = time.perf_counter()
+            fn(arg)
+            out[key].append(1e3 * (time.perf_counter() - t))
+    crops = torch.stack([view.crops(im) for im in images[:BATCH]])
+    finish = []
+    for _ in range(7):
+        t = time.perf_counter()
+        view.finish({"images": crops.clone()})
+        finish.append(1e3 * (time.perf_counter() - t) / len(crops))
+    return {**{k: median(v) for k, v in out.items()}, "finish_ms": median(finish)}
+
+
 def _read_rates(shards_index: str, n: int = 20000) -> dict[str, float]:
     """Samples/s of reading the encoded bytes (no decode), in a random order / a shuffled stream."""
     import json
@@ -264,6 +308,8 @@ def bench_loader(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if view == "mae_224":
                     rows.append(row("loader", view, variant, "cores_per_gpu", PAPER_IMG_S_PER_GPU / r, "cores"))
         rows.append(row("loader", "mae_224", "500x375", "draft_share", _draft_share(), "share"))
+        for metric, ms in run_isolated(_components, paths["image_folder"]).items():
+            rows.append(row("loader", "mae_224", "parts", metric, ms, "ms/img"))
         if "webdataset" in paths:
             for reader, r in run_isolated(_read_rates, paths["webdataset"]).items():
                 rows.append(row("loader", "read_bytes", reader, "samples_per_s", r, "samples/s"))

@@ -100,6 +100,14 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _table(header: list[str], body: list[list[Any]]) -> list[str]:
+    """Fixed-width lines: the header, a rule, the rows."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def format_table(rows: list[dict[str, Any]], metrics: Optional[list[str]] = None) -> str:
     """A fixed-width text table: job, the varying overrides, step/total, status, then ``metrics``
     (default: ``loss`` and every key of the summary / fine-tune results)."""
@@ -113,10 +121,7 @@ def format_table(rows: list[dict[str, Any]], metrics: Optional[list[str]] = None
         steps = f"{_fmt(r['step'])}/{_fmt(r['total_steps'])}"
         body.append([r["job"], *[r["varying"][k] for k in varying], steps, r["status"],
                      *[_fmt(values.get(m)) for m in metrics]])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(_table(header, body))
 
 
 def study_storage(sweep_dir: str | Path) -> Optional[str]:
@@ -179,10 +184,7 @@ def format_study(study: dict[str, Any]) -> str:
     header = ["trial", "state", *names, objective, "step", "best"]
     body = [[str(t["trial"]), t["state"], *[_fmt(t["params"].get(k)) for k in names], _fmt(t["value"]),
              f"{_fmt(t['step'])}/{_fmt(t['total_steps'])}", "*" if t["best"] else ""] for t in trials]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines = [f"study {study['study']!r}: {study['direction']} {objective}, {len(trials)} trials", *lines]
+    lines = [f"study {study['study']!r}: {study['direction']} {objective}, {len(trials)} trials", *_table(header, body)]
     lines += [f"trial {t['trial']} failed: {(t['error'] or 'no record').strip().splitlines()[0]}"
               for t in trials if t["state"] == "FAIL"]
     best = next((t for t in trials if t["best"]), None)
