@@ -114,6 +114,16 @@ def test_resume_into_a_different_model_is_refused(tmp_path):
         run_pretrain(compose(tiny("trainer.max_steps=2", "model=sslkit_swin_test")), tmp_path)
 
 
+def test_resume_on_changed_data_is_refused(tmp_path):
+    """The epoch's sample order depends on the data: a resume on a source of another size fails with the fix."""
+    from sslkit.errors import DataError
+
+    run_pretrain(compose(tiny("trainer.max_steps=1")), tmp_path)
+    n = compose(tiny()).data.num_samples
+    with pytest.raises(DataError, match=rf"the data changed since the checkpoint.*{n} samples then, {n + 8} now"):
+        run_pretrain(compose(tiny("trainer.max_steps=2", f"data.num_samples={n + 8}")), tmp_path)
+
+
 def test_console_script_runs_and_reports_config_errors(tmp_path):
     exe = Path(sys.executable).with_name("sslkit-pretrain")
     ok = subprocess.run([str(exe), *tiny("trainer.max_steps=2"), f"hydra.run.dir={tmp_path}/run"],

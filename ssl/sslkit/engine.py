@@ -24,7 +24,7 @@ from sslkit import distributed
 from sslkit.config import Derived, derive, to_plain, validate
 from sslkit.data import PretrainLoader, build_pretrain_loader, build_source
 from sslkit.distributed import Dist
-from sslkit.errors import CheckpointError, ConfigError, TrainingError
+from sslkit.errors import CheckpointError, ConfigError, DataError, TrainingError
 from sslkit.evaluation import OnlineKNN, eval_sources
 from sslkit.methods import Method, build_method
 from sslkit.optim import apply_schedule, build_optimizer
@@ -239,6 +239,12 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
             raise CheckpointError(f"cannot resume a {state['method']}/{state['model_config']['name']} checkpoint "
                                   f"into {method.name}/{method.model_config['name']}: use a new hydra.run.dir or "
                                   f"trainer.resume=never")
+        saved_size = (state.get("derived") or {}).get("dataset_size")
+        if saved_size is not None and int(saved_size) != len(source):
+            raise DataError(f"the data changed since the checkpoint in {run_dir}: {saved_size} samples then, "
+                            f"{len(source)} now (data.name={cfg.data.name}, data.path={cfg.data.path}). A resume "
+                            f"continues the epoch's sample order, which depends on the data. Fix: point data.* at "
+                            f"the same data, or start a new run (a new hydra.run.dir, or trainer.resume=never)")
         method.load_state_dict(state["model"])
     fwd = dd.wrap(method, rt.amp_dtype)  # DDP / FSDP2 (in place) / the method itself
     opt = build_optimizer(method, cfg.optim, d.lr)  # after wrapping: FSDP2 replaces the parameters
