@@ -42,6 +42,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sslkit.errors import ConfigError, ErrorExit, SSLKitError
+from sslkit.runlog import flatten
 from sslkit.schemas import OBJECTIVE_DIRECTIONS, validate
 
 log = logging.getLogger(__name__)
@@ -93,17 +94,6 @@ def override_value(v: Any) -> str:
     return str(v)
 
 
-def _flatten(params: Any, prefix: str = "") -> dict[str, Any]:
-    """``{optim: {blr: spec}}`` (``hydra.sweeper.params.optim.blr=...``) -> ``{"optim.blr": spec}``."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _spec_text(v: Any) -> str:
     if isinstance(v, (list, tuple)):  # a YAML list of choices: [a, b] -> a,b
         return ",".join(override_value(x) for x in v)
@@ -118,7 +108,7 @@ def parse_search_space(params: Any, arguments: Sequence[str] = ()) -> SearchSpac
     if params is not None and not isinstance(params, dict):
         raise ConfigError(f"hydra.sweeper.params must be a mapping {{key: search space}}, got {params!r}; e.g. "
                           f"'hydra.sweeper.params={{optim.blr:\"tag(log, interval(1e-4,1e-2))\"}}'")
-    lines = [(f"hydra.sweeper.params.{k}", f"{k}={_spec_text(v)}") for k, v in _flatten(params or {}).items()]
+    lines = [(f"hydra.sweeper.params.{k}", f"{k}={_spec_text(v)}") for k, v in flatten(params or {}).items()]
     lines += [("the command line", a) for a in arguments]
     parser = OverridesParser.create()
     by_key: dict[str, tuple[Override, Any]] = {}

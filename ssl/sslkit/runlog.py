@@ -34,12 +34,12 @@ def _array(image: Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values; tracker params, sweep search spaces)."""
     out: dict[str, Any] = {}
     for k, v in config.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -166,7 +166,7 @@ class MLflowTracker(Tracker):
             exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
                 str(cfg.experiment), artifact_location=(run_dir / "mlflow_artifacts").resolve().as_uri())
             self.run_id = self.client.create_run(exp_id, run_name=cfg.run_name or run_dir.name).info.run_id
-            flat = _flat(config)
+            flat = flatten(config)
             params = [Param(k, str(v)[:500]) for k, v in flat.items()]  # older servers' limit
             for i in range(0, len(params), 100):  # MLflow's batch limit
                 self.client.log_batch(self.run_id, params=params[i: i + 100])

@@ -71,3 +71,25 @@ def tree(tmp_path: Path) -> Callable[..., Path]:
         return make_tree(tmp_path / f"tree{next(counter)}", classes, **kw)
 
     return _make
+
+
+def assert_pretrain_resumes_exactly(data_overrides: list[str], tmp_path: Path) -> None:
+    """Pretraining on ``data_overrides`` stopped after 2 steps and resumed equals 4 uninterrupted steps, bit for bit
+    (model weights and data position)."""
+    import torch
+
+    from sslkit import checkpoint as ck
+    from sslkit.config import compose
+    from sslkit.tasks import run_pretrain
+
+    ov = [*data_overrides, "data.batch_size=4", "data.num_workers=0", "logger.wandb.mode=disabled",
+          "trainer.progress=false", "trainer.summary=false", "trainer.log_every=1", "trainer.max_steps=4",
+          "trainer.ckpt_every=100"]
+    run_pretrain(compose(ov + ["trainer.stop_after=2"]), tmp_path / "resumed")
+    run_pretrain(compose(ov), tmp_path / "resumed")
+    run_pretrain(compose(ov), tmp_path / "straight")
+    a = ck.load(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    b = ck.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4 and a["data_state"] == b["data_state"]
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k

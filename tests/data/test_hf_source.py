@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from sslkit import checkpoint as ck
 from sslkit.config import DataConfig, compose
 from sslkit.data import build_pretrain_loader, build_source
 from sslkit.errors import DataError
-from sslkit.tasks import run_pretrain
+
+from .conftest import assert_pretrain_resumes_exactly
 
 datasets = pytest.importorskip("datasets", reason="the hf extra (in .[dev])")
 
@@ -107,14 +107,4 @@ def test_corrupt_row_is_an_unreadable_image(folder, tmp_path: Path) -> None:
 def test_pretrain_on_hf_resumes_exactly(folder, tmp_path: Path) -> None:
     _, src = folder
     _hf_from_folder(src).save_to_disk(str(tmp_path / "ds"))
-    ov = ["data=hf", f"data.path={tmp_path / 'ds'}", "data.batch_size=4", "data.num_workers=0",
-          "logger.wandb.mode=disabled", "trainer.progress=false", "trainer.summary=false", "trainer.log_every=1",
-          "trainer.max_steps=4", "trainer.ckpt_every=100"]
-    run_pretrain(compose(ov + ["trainer.stop_after=2"]), tmp_path / "resumed")
-    run_pretrain(compose(ov), tmp_path / "resumed")
-    run_pretrain(compose(ov), tmp_path / "straight")
-    a = ck.load(tmp_path / "resumed" / "checkpoints" / "last.pt")
-    b = ck.load(tmp_path / "straight" / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 4 and a["data_state"] == b["data_state"]
-    for k in b["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_pretrain_resumes_exactly(["data=hf", f"data.path={tmp_path / 'ds'}"], tmp_path)

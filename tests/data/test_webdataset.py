@@ -15,15 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from sslkit import checkpoint as ck
 from sslkit.cli import data_main
 from sslkit.config import DataConfig, compose
 from sslkit.data import build_pretrain_loader, build_source
 from sslkit.data.shards import WebDatasetSource, write_shards
 from sslkit.errors import ConfigError, DataError
-from sslkit.tasks import run_pretrain
 
-from .conftest import make_tar, make_tree
+from .conftest import assert_pretrain_resumes_exactly, make_tar, make_tree
 
 pytest.importorskip("webdataset", reason="the webdataset extra (in .[dev])")
 
@@ -148,14 +146,4 @@ def test_writer_from_a_pixel_source_is_lossless(tmp_path: Path) -> None:
 
 
 def test_pretrain_on_shards_resumes_exactly(shards: Path, tmp_path: Path) -> None:
-    ov = ["data=webdataset", f"data.path={shards / 'train-index.json'}", "data.batch_size=4", "data.num_workers=0",
-          "logger.wandb.mode=disabled", "trainer.progress=false", "trainer.summary=false", "trainer.log_every=1",
-          "trainer.max_steps=4", "trainer.ckpt_every=100"]
-    run_pretrain(compose(ov + ["trainer.stop_after=2"]), tmp_path / "resumed")
-    run_pretrain(compose(ov), tmp_path / "resumed")
-    run_pretrain(compose(ov), tmp_path / "straight")
-    a = ck.load(tmp_path / "resumed" / "checkpoints" / "last.pt")
-    b = ck.load(tmp_path / "straight" / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 4 and a["data_state"] == b["data_state"]
-    for k in b["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_pretrain_resumes_exactly(["data=webdataset", f"data.path={shards / 'train-index.json'}"], tmp_path)
