@@ -84,6 +84,15 @@ def test_every_registered_method_has_its_yaml_and_schema(name):
     assert cfg.method.name == name and OmegaConf.get_type(cfg.method) is METHODS[name].config_class
 
 
+def test_compose_with_the_hydra_node_validates_the_rest():
+    """compose(return_hydra_config=True) (launcher / sweeper tests, notebooks) leaves Hydra's node alone: its
+    sweep subdir names ${hydra.job.num}, known in a run only; sslkit's keys are still checked."""
+    cfg = compose(["trainer.max_steps=3"], return_hydra_config=True)
+    assert cfg.trainer.max_steps == 3 and "sweep" in cfg.hydra
+    with pytest.raises(ConfigError, match="trainer.max_steps"):
+        compose(["trainer.max_steps=0"], return_hydra_config=True)
+
+
 def test_a_method_and_model_compose_without_an_experiment():
     cfg = compose(["method=dinov2_tiny", "model=sslkit_vit_test", "optim=dinov2"])
     assert (cfg.method.name, cfg.model.name, cfg.optim.lr_scaling) == ("dinov2", "sslkit_vit_test", "sqrt")

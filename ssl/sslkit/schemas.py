@@ -192,6 +192,8 @@ def _problems(node: DictConfig, path: str) -> Iterator[str]:
         if cross is not None:
             yield from (f"{path}{msg}" for msg in cross(node))
     for key in node:
+        if path == "" and key == "hydra":  # Hydra's own node (compose(return_hydra_config=True)): resolvable in a run only
+            continue
         if isinstance(key, str) and not OmegaConf.is_missing(node, key):
             child = node._get_node(key)
             if isinstance(child, DictConfig) and not child._is_none():
