@@ -89,6 +89,22 @@ def test_every_way_of_naming_the_shards(shards: Path) -> None:
     assert [len(ref._read(i)) for i in range(len(ref))] == [int(s) for s in ref._sizes] and len(ref._fds) == 1
 
 
+def test_the_writers_member_table_replaces_the_header_walk(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sslkit.data.shards as sh
+
+    walked = WebDatasetSource(str(shards / "train-{000000..000002}.tar"))  # a pattern: every shard's headers
+    real, calls = sh._index_tar, []
+    monkeypatch.setattr(sh, "_index_tar", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    fast = WebDatasetSource(str(shards / "train-index.json"))  # the index: train-members.npz, no walk
+    assert calls == [] and fast.classes == sorted(CLASSES) and walked.classes == ["0", "1", "2"]
+    assert [fast.describe(i) for i in range(len(fast))] == [walked.describe(i) for i in range(len(walked))]
+    assert fast.labels().tolist() == walked.labels().tolist() and fast._read(4) == walked._read(4)
+    with open(shards / "train-000002.tar", "ab") as f:  # a shard changed since it was written: walk again
+        f.write(bytes(1024))
+    again = WebDatasetSource(str(shards / "train-index.json"))
+    assert len(calls) == 3 and again.labels().tolist() == walked.labels().tolist()
+
+
 def _shard_with(tmp_path: Path, samples: list[dict[str, bytes]]) -> Path:
     path = tmp_path / "custom-000000.tar"
     with tarfile.open(path, "w") as tf:

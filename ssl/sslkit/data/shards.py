@@ -14,7 +14,8 @@ sources. Local (POSIX / Lustre / GPFS) paths only; ``pipe:`` / URLs need streami
 
 ``write_shards`` writes any source's samples (original encoded bytes where the source has them, else
 lossless PNG) with ``webdataset.ShardWriter``, plus an index ``<prefix>-index.json`` (shard list with
-sample counts, the class names) that ``data.path`` can point to.
+sample counts and byte sizes, the class names) that ``data.path`` can point to, and the member table
+``<prefix>-members.npz`` the reader then loads instead of walking the shards' headers.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def expand_shards(path: Union[str, Sequence[str]], what: str = "data.path") -> t
                 raise DataError(f"{what}={item} is not a shard index (written by sslkit-data shard or wids). "
                                 f"Fix: point {what} to the shards (a brace pattern, a glob or a directory)")
             base = os.path.dirname(item)
+            index["__dir__"] = base
             shards += [os.path.join(base, s["url"]) for s in index["shardlist"]]
             continue
         for one in _braceexpand(item, what):
@@ -138,6 +140,12 @@ class WebDatasetSource(_EncodedSource):
                  what: str = "data.path") -> None:
         self.shards, index = expand_shards(path, what)
         kind, field = _label_reader(label_key) if label_key else (None, None)
+        self._kind = kind
+        self._fds: "OrderedDict[int, int]" = OrderedDict()
+        self._fd_pid: Optional[int] = None
+        self._max_open = _fd_budget(len(self.shards))
+        if kind in ("cls", None) and self._load_members(index):
+            return
         shard_of, offsets, sizes, keys, raw_labels = [], [], [], [], []
         self.skipped_no_image = 0
         for s, shard in enumerate(self.shards):
@@ -171,9 +179,28 @@ class WebDatasetSource(_EncodedSource):
         self._sizes = np.asarray(sizes, dtype=np.int64)
         self._names = np.array([k.encode("utf-8", "surrogateescape") for k in keys])
         self._labels, self.classes = _number_labels(raw_labels, kind, (index or {}).get("classes"))
-        self._fds: "OrderedDict[int, int]" = OrderedDict()
-        self._fd_pid: Optional[int] = None
-        self._max_open = _fd_budget(len(self.shards))
+
+    def _load_members(self, index: Optional[dict]) -> bool:
+        """Take the member table the writer saved next to its index (``<prefix>-members.npz``: each sample's
+        shard, offset, size, name and ``cls`` label) instead of walking every shard's headers, when ``data.path``
+        is that index and no shard changed size since. A walk reads a page per member, on a cold cluster file
+        system most of the data; the table is ~40 bytes per sample."""
+        if not index or not index.get("members") or any("bytes" not in e for e in index["shardlist"]):
+            return False
+        table = Path(index["__dir__"]) / index["members"]
+        if not table.is_file() or [os.path.getsize(s) for s in self.shards] != [e["bytes"] for e in index["shardlist"]]:
+            return False
+        with np.load(table) as t:
+            self._shard, self._offsets, self._sizes = t["shard"], t["offsets"], t["sizes"]
+            self._names, labels = t["names"], t["labels"]
+            self.skipped_no_image = int(t["skipped_no_image"])
+        if self._kind is None:
+            self._labels, self.classes = np.full(len(labels), -1, dtype=np.int64), []
+        else:  # the source's labels as written (-1: unlabelled, no .cls member)
+            k = int(labels.max()) + 1 if len(labels) else 0
+            names = index.get("classes") or []
+            self._labels, self.classes = labels.astype(np.int64), list(names) if len(names) >= k else [str(c) for c in range(k)]
+        return True
 
     def __len__(self) -> int:
         return len(self._names)
@@ -334,9 +361,13 @@ def write_shards(source: Any, out: Union[str, Path], shard_size: int = 10000, pr
                 sample["cls"] = str(label).encode()
             sink.write(sample)
     files = sorted(out.glob(f"{prefix}-*.tar"))
-    counts = [len(_group_members(*_index_tar(f, str(f), keep=lambda n: True))) for f in files]  # header walks
+    table = WebDatasetSource([str(f) for f in files], label_key=None)  # header walks; samples in written order
+    assert len(table) == n, f"wrote {n} samples, found {len(table)}"
+    counts = np.bincount(table._shard, minlength=len(files)).tolist()
+    np.savez(out / f"{prefix}-members.npz", shard=table._shard, offsets=table._offsets, sizes=table._sizes,
+             names=table._names, labels=np.asarray(labels)[order].astype(np.int64), skipped_no_image=0)
     index = {"__kind__": INDEX_KIND, "wids_version": 1, "name": prefix,
-             "shardlist": [{"url": f.name, "nsamples": c} for f, c in zip(files, counts)],
-             "classes": list(source.classes)}
+             "shardlist": [{"url": f.name, "nsamples": c, "bytes": f.stat().st_size} for f, c in zip(files, counts)],
+             "classes": list(source.classes), "members": f"{prefix}-members.npz"}
     (out / f"{prefix}-index.json").write_text(json.dumps(index, indent=1))
     return index
