@@ -73,6 +73,8 @@ def test_parquet_files_and_dataset_dict(folder, tmp_path: Path) -> None:
     assert len(build_source(DataConfig(name="hf", path=str(tmp_path / "dd"), hf_split="validation"))) == 3
     with pytest.raises(DataError, match=r"data.hf_split=<name>"):
         build_source(DataConfig(name="hf", path=str(tmp_path / "dd")))
+    with pytest.raises(DataError, match=r"data.hf_split='validation': .* is one split"):  # not silently ignored
+        build_source(DataConfig(name="hf", path=str(tmp_path / "pq"), hf_split="validation"))
     unlabelled = build_source(DataConfig(name="hf", path=str(tmp_path / "pq"), label_column=None))
     assert unlabelled.classes == [] and set(unlabelled.labels().tolist()) == {-1}
 

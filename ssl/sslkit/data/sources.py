@@ -593,8 +593,9 @@ def _load_hf(datasets: Any, path: str, hf_split: Optional[str]) -> Any:
         if hf_split is None or hf_split not in ds:
             raise DataError(f"data.path={path} holds the splits {list(ds)}: choose one with data.hf_split=<name>")
         ds = ds[hf_split]
-    elif hf_split is not None and not files:
-        raise DataError(f"data.hf_split={hf_split!r}: data.path={path} is a single Dataset; set data.hf_split=null")
+    elif hf_split is not None:
+        raise DataError(f"data.hf_split={hf_split!r}: data.path={path} is one split (a single Dataset, or parquet / "
+                        f"arrow files). Fix: set data.hf_split=null, or point data.path to the files of that split")
     return ds
 
 
