@@ -276,3 +276,16 @@ def test_parallel_trials_through_the_local_submitit_launcher(tmp_path):
     for t in trials:
         assert t.value == pytest.approx(_last_loss(sweep / f"{t.number}_umae_demo"))
         assert read_record(sweep, t.number)["run_dir"] == str(sweep / f"{t.number}_umae_demo")
+
+
+def test_the_official_plugin_installed_alongside_fails_with_the_fix(tmp_path, monkeypatch, capsys):
+    """hydra-optuna-sweeper also names hydra/sweeper=optuna, so Hydra could compose neither: the command says so."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "hydra_plugins.hydra_optuna_sweeper" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        _sweep(tmp_path / "sweep", 1, BLR)
+    assert e.value.code == 2 and "pip uninstall hydra-optuna-sweeper" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()

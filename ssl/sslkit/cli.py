@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from sslkit.config import config_dir, register_configs, validate
+from sslkit.config import check_overrides, config_dir, register_configs, validate
 from sslkit.errors import ConfigError, ErrorExit, SSLKitError
 from sslkit.evaluation import eval_knn, eval_linear
 from sslkit.export import export
@@ -95,7 +95,10 @@ def _hydra_app(config_name: str, task: Callable[[DictConfig], None], argv: Optio
     saved = sys.argv
     sys.argv = [prog, *(saved[1:] if argv is None else argv)]
     try:
+        check_overrides(sys.argv[1:])
         hydra.main(version_base=None, config_path=config_dir(), config_name=config_name)(task)()
+    except SSLKitError as e:
+        _fail(e)
     finally:
         sys.argv = saved
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,17 @@ def register_configs() -> None:
     for group, schema in (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
                           ("trainer", TrainerConfig), ("logger", LoggerConfig)):
         cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Fail early, with the fix, where Hydra would fail with an unhelpful message: ``hydra/sweeper=optuna`` while
+    the ``hydra-optuna-sweeper`` plugin is installed (it also stores ``hydra/sweeper/optuna``, so Hydra refuses
+    to compose either, citing automatic schema matching)."""
+    if any(o.lstrip("+~") in ("hydra/sweeper=optuna", "override hydra/sweeper=optuna") for o in overrides) and \
+            importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
+        raise ConfigError("hydra/sweeper=optuna is sslkit's sweeper, and the hydra-optuna-sweeper plugin installed here "
+                          "names the same config, so Hydra cannot compose it. Fix: pip uninstall hydra-optuna-sweeper "
+                          "(sslkit's sweeper replaces it: optuna >= 3, a resumable study in the sweep dir)")
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "pretrain", *,
