@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import shutil
 import tempfile
 import time
@@ -241,8 +240,6 @@ def _components(folder: str, n: int = 300) -> dict[str, float]:
 
 def _read_rates(shards_index: str, n: int = 20000) -> dict[str, float]:
     """Samples/s of reading the encoded bytes (no decode), in a random order / a shuffled stream."""
-    import json
-
     from sslkit.data.shards import WebDatasetSource
 
     src = WebDatasetSource(shards_index)
@@ -253,13 +250,11 @@ def _read_rates(shards_index: str, n: int = 20000) -> dict[str, float]:
     for i in order:
         src._read(i)
     out["sslkit_webdataset"] = n / (time.perf_counter() - t)
-    base = os.path.dirname(shards_index)
-    shards = [os.path.join(base, s["url"]) for s in json.loads(Path(shards_index).read_text())["shardlist"]]
+    shards, counts = src.shards, np.bincount(src._shard, minlength=len(src.shards)).tolist()
     try:
         import wids
 
-        ds = wids.ShardListDataset([{"url": s, "nsamples": c} for s, c in
-                                    zip(shards, [x["nsamples"] for x in json.loads(Path(shards_index).read_text())["shardlist"]])],
+        ds = wids.ShardListDataset([{"url": s, "nsamples": c} for s, c in zip(shards, counts)],
                                    cache_size=len(shards), lru_size=len(shards))
         t = time.perf_counter()
         for i in order:

@@ -314,9 +314,9 @@ def _encoded(source: Any, i: int) -> tuple[bytes, str]:
     while hasattr(base, "indices") and hasattr(base, "base"):  # SubsetSource chains
         base, j = base.base, int(base.indices[j])
     if isinstance(base, _EncodedSource):
-        data = base._read(j)
-        ext = base.describe(j).rsplit(".", 1)[-1].lower() if "." in base.describe(j).rsplit("/", 1)[-1] else ""
-        if ext not in _IMAGE_EXTS:
+        data, name = base._read(j), base.describe(j).rsplit("/", 1)[-1]
+        ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if ext not in _IMAGE_EXTS:  # e.g. a Hugging Face row: the format from the bytes
             with Image.open(io.BytesIO(data)) as im:
                 ext = (im.format or "png").lower().replace("jpeg", "jpg")
         return data, ext
